@@ -1,0 +1,57 @@
+# eventshop: PGXS build of the extension library, its SQL scripts, the dev
+# Kafka broker, and the test targets.
+
+PG_CONFIG ?= pg_config
+
+EXTENSION   = eventshop
+EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" eventshop.control)
+MODULE_big  = eventshop
+OBJS = \
+	src/eventshop.o \
+	src/config.o \
+	src/shared_state.o \
+	src/outbox_wakeup.o \
+	src/password_hash.o \
+	src/kafka_client.o \
+	bgworkers/worker_runtime.o \
+	bgworkers/relay.o \
+	bgworkers/dispatcher.o \
+	bgworkers/smtp_sender.o
+
+DATA = $(wildcard extension/eventshop--*.sql)
+PGFILEDESC = "eventshop - event-driven shop backend"
+
+PKG_LIBS    = rdkafka libcurl openssl libjwt
+# Server headers as system headers, so -Wextra judges our code, not theirs.
+PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -I$(srcdir)/src -I$(srcdir)/bgworkers $(shell pkg-config --cflags $(PKG_LIBS))
+SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS)) -largon2
+
+# pg_regress brings its own preloaded instance, so `make installcheck` needs
+# no running server; TAP tests start their own clusters.
+REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./sql/regress.conf \
+	--load-extension=pgcrypto
+TAP_TESTS    = 1
+
+DEVBROKER = devbroker/eventshop-devbroker
+EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress
+
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+all: $(DEVBROKER)
+
+$(DEVBROKER): devbroker/devbroker.c
+	$(CC) $(CFLAGS) $(CPPFLAGS_DEVBROKER) -o $@ $< $(shell pkg-config --cflags --libs rdkafka)
+
+install: install-devbroker
+install-devbroker: $(DEVBROKER)
+	$(INSTALL_PROGRAM) $(DEVBROKER) '$(DESTDIR)$(bindir)/eventshop-devbroker'
+
+# The two commands the README opens with.
+.PHONY: demo test install-devbroker
+demo:
+	bash scripts/demo.sh
+test:
+	bash scripts/test.sh

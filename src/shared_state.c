@@ -1,0 +1,111 @@
+/*
+ * shared_state.c
+ *		Shared memory holding each worker's latch, so that a backend that
+ *		commits an outbox row (or any other work for a worker) can wake that
+ *		worker at once instead of the worker polling on a timer.
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+
+#include "shared_state.h"
+
+typedef struct EsSharedState
+{
+	slock_t		mutex;			/* protects worker_latch[] */
+	Latch	   *worker_latch[ES_WORKER_COUNT];
+} EsSharedState;
+
+static EsSharedState *es_state = NULL;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void es_shmem_request(void);
+static void es_shmem_startup(void);
+static void es_unregister_worker_latch(int code, Datum arg);
+
+/* Installs the hooks that size and create the shared state; called from _PG_init. */
+void
+es_shared_state_init(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = es_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = es_shmem_startup;
+}
+
+/* Reserves our slice of shared memory. */
+static void
+es_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(EsSharedState)));
+}
+
+/* Creates or attaches to the shared state. */
+static void
+es_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	es_state = ShmemInitStruct("eventshop", sizeof(EsSharedState), &found);
+	if (!found)
+	{
+		SpinLockInit(&es_state->mutex);
+		for (int i = 0; i < ES_WORKER_COUNT; i++)
+			es_state->worker_latch[i] = NULL;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Publishes this process's latch as the one to set for work of this kind. */
+void
+es_register_worker_latch(EsWorkerKind kind)
+{
+	Assert(kind >= 0 && kind < ES_WORKER_COUNT);
+	if (es_state == NULL)
+		elog(ERROR, "eventshop shared state is not initialized");
+
+	SpinLockAcquire(&es_state->mutex);
+	es_state->worker_latch[kind] = MyLatch;
+	SpinLockRelease(&es_state->mutex);
+	on_shmem_exit(es_unregister_worker_latch, Int32GetDatum(kind));
+}
+
+/* Withdraws the latch on exit, so nobody sets a latch of a dead process. */
+static void
+es_unregister_worker_latch(int code, Datum arg)
+{
+	EsWorkerKind kind = (EsWorkerKind) DatumGetInt32(arg);
+
+	(void) code;
+	SpinLockAcquire(&es_state->mutex);
+	if (es_state->worker_latch[kind] == MyLatch)
+		es_state->worker_latch[kind] = NULL;
+	SpinLockRelease(&es_state->mutex);
+}
+
+/* Sets the worker's latch if that worker is running. */
+void
+es_wake_worker(EsWorkerKind kind)
+{
+	Latch	   *latch;
+
+	if (es_state == NULL)
+		return;
+	SpinLockAcquire(&es_state->mutex);
+	latch = es_state->worker_latch[kind];
+	SpinLockRelease(&es_state->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
