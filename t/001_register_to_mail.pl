@@ -1,0 +1,108 @@
+# 001_register_to_mail.pl: the walking skeleton end to end. A registration
+# becomes a CloudEvent on auth.events (read back with kcat, an independent
+# Kafka client) and a welcome e-mail received by a real SMTP server; events
+# committed while the broker is down are all delivered once it returns.
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use EventshopTest;
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $broker = start_devbroker();
+my $smtp = start_smtp();
+my $node = eventshop_node('main', $broker, $smtp);
+
+# Both workers run, visible under their own backend type.
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type IN ('eventshop relay', 'eventshop dispatcher')")
+  or die 'workers did not start';
+pass('relay and dispatcher workers are running');
+
+my $password = 'correct horse battery staple';
+my $user_id = $node->safe_psql('postgres',
+	"SELECT eventshop.register('Alice\@Example.com', '$password', 'Alice')");
+like($user_id, qr/^[0-9a-f-]{36}$/, 'register returns a user id');
+
+# The relay publishes and deletes the row only once Kafka acknowledged it.
+$node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM eventshop.outbox')
+  or die 'outbox was not drained';
+my @events = read_topic($broker, 'auth.events');
+is(scalar @events, 1, 'one message on auth.events');
+my $event = $events[0];
+is($event->{key}, $user_id, 'message key is the user id');
+my $ce = decode_json($event->{value});
+is($ce->{specversion}, '1.0', 'value is a CloudEvents 1.0 document');
+is($ce->{type}, 'user.registered', 'CloudEvent type');
+is($ce->{subject}, $user_id, 'CloudEvent subject is the user id');
+is($ce->{data}{user_id}, $user_id, 'event data names the user');
+like($ce->{id}, qr/^[0-9a-f-]{36}$/, 'CloudEvent id is a uuid');
+is($event->{headers}{ce_id}, $ce->{id}, 'ce_id header matches the CloudEvent id');
+is($event->{headers}{ce_type}, 'user.registered', 'ce_type header carries the type');
+my $hash = $node->safe_psql('postgres', "SELECT password_hash FROM eventshop.users WHERE id = '$user_id'");
+unlike($event->{value}, qr/alice\@example\.com/i, 'no full e-mail address in the message');
+unlike($event->{value}, qr/\Q$password\E/, 'no password in the message');
+unlike($event->{value}, qr/\Q$hash\E|argon2/, 'no password hash in the message');
+
+# The dispatcher turns the event into a welcome e-mail sent over SMTP.
+$node->poll_query_until('postgres',
+	"SELECT status = 'sent' FROM eventshop.notifications WHERE user_id = '$user_id'")
+  or die 'welcome mail was not sent';
+wait_for(sub { scalar(maildir_messages($smtp)) >= 1 }, 'mail arrives');
+my @mails = maildir_messages($smtp);
+is(scalar @mails, 1, 'SMTP server received one e-mail');
+like($mails[0], qr/^To: .*alice\@example\.com/mi, 'addressed to the registered user');
+like($mails[0], qr/^Subject: Welcome to eventshop, Alice/mi, 'welcome subject');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM eventshop.inbox'), '1', 'event recorded once in the inbox');
+
+# Broker outage: three registrations while it is down, all delivered after.
+broker_down($broker);
+my @outage_users;
+for my $i (1 .. 3)
+{
+	push @outage_users, $node->safe_psql('postgres',
+		"SELECT eventshop.register('outage$i\@example.com', '$password', 'Outage $i')");
+}
+is($node->safe_psql('postgres', 'SELECT count(*) FROM eventshop.outbox'), '3',
+	'events wait in the outbox while the broker is down');
+sleep 3;
+is($node->safe_psql('postgres', 'SELECT count(*) FROM eventshop.outbox'), '3',
+	'nothing leaves the outbox without an acknowledgement');
+broker_up($broker);
+$node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM eventshop.outbox')
+  or die 'outbox was not drained after the outage';
+my %delivered = map { $_->{key} => 1 } read_topic($broker, 'auth.events');
+is(scalar(grep { $delivered{$_} } @outage_users), 3, 'all three events reached Kafka after the outage');
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 4 FROM eventshop.notifications WHERE status = 'sent'")
+  or die 'outage mails were not sent';
+is(scalar(maildir_messages($smtp)), 4, 'all four welcome e-mails received');
+
+# The relay stops cleanly on SIGTERM and is restarted by the postmaster.
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'eventshop relay'");
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'eventshop relay'")
+  or die 'relay was not restarted';
+my $late_user = $node->safe_psql('postgres',
+	"SELECT eventshop.register('late\@example.com', '$password', 'Late')");
+$node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM eventshop.outbox')
+  or die 'restarted relay did not publish';
+ok((grep { $_->{key} eq $late_user } read_topic($broker, 'auth.events')), 'restarted relay publishes');
+
+# A rejected call (duplicate address) does not log its statement text.
+my ($rc, $out, $err) = $node->psql('postgres',
+	"SELECT eventshop.register('alice\@example.com', '$password', 'Again')");
+like($err, qr/already exists/, 'duplicate registration is refused');
+
+# No secret ever reached the server log.
+my $log = slurp_file($node->logfile);
+unlike($log, qr/\Q$password\E/, 'password never written to the server log');
+
+$node->stop;
+stop_all();
+done_testing();
