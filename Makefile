@@ -29,8 +29,7 @@ SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS)) -largon2
 # pg_regress brings its own preloaded instance, so `make installcheck` needs
 # no running server; TAP tests start their own clusters.
 REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
-REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./sql/regress.conf \
-	--load-extension=pgcrypto
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./sql/regress.conf --encoding=UTF8
 TAP_TESTS    = 1
 
 DEVBROKER = devbroker/eventshop-devbroker

@@ -9,6 +9,9 @@
  *
  * Outage simulation for tests: SIGUSR1 takes every mock broker down (open
  * connections are dropped and new ones refused), SIGUSR2 brings them back.
+ * The stderr lines "devbroker: brokers down" / "devbroker: brokers up" are
+ * written only once every listener really refuses / accepts connections,
+ * so tests can wait for them.
  * Topic data lives in this process and survives a down/up cycle, but not a
  * restart.
  *
@@ -21,12 +24,15 @@
 
 #include <errno.h>
 #include <getopt.h>
-#include <limits.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
@@ -39,6 +45,9 @@
 #define MAX_BROKERS 16
 #define MAX_PARTITIONS 1000
 #define MAX_TOPIC_LEN 249
+
+/* How long to wait for listeners to reach the requested up/down state. */
+#define STATE_WAIT_MS 5000
 
 /* Parsed command-line options. */
 struct options
@@ -320,6 +329,87 @@ create_topics(rd_kafka_mock_cluster_t *mc, const char *list, int partitions, int
 	return rc;
 }
 
+/* Milliseconds on a monotonic clock. */
+static long long
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Try one TCP connect to host:port; 1 if accepted, 0 if not. */
+static int
+probe_addr(const char *host, const char *port)
+{
+	struct addrinfo hints;
+	struct addrinfo *res;
+	struct addrinfo *ai;
+	int			open_ = 0;
+
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_NUMERICSERV;
+	if (getaddrinfo(host, port, &hints, &res) != 0)
+		return 0;
+	for (ai = res; ai != NULL && !open_; ai = ai->ai_next)
+	{
+		int			fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+
+		if (fd < 0)
+			continue;
+		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+			open_ = 1;
+		close(fd);
+	}
+	freeaddrinfo(res);
+	return open_;
+}
+
+/*
+ * Wait until every listener in the bootstrap list accepts (want_open) or
+ * refuses (!want_open) connections.  librdkafka applies a broker's up/down
+ * state to its listening socket asynchronously (we saw up to ~1 s delay), so
+ * without this the "brokers down" line could precede the actual outage.
+ * Returns the number of listeners that never reached the state.
+ */
+static int
+wait_listeners(const char *bootstrap, int want_open)
+{
+	char	   *copy = strdup(bootstrap);
+	char	   *save = NULL;
+	char	   *addr;
+	long long	deadline = now_ms() + STATE_WAIT_MS;
+	int			stuck = 0;
+
+	if (copy == NULL)
+		return -1;
+	for (addr = strtok_r(copy, ",", &save); addr != NULL; addr = strtok_r(NULL, ",", &save))
+	{
+		char	   *colon = strrchr(addr, ':');
+		const struct timespec pause = {0, 20 * 1000 * 1000};
+
+		if (colon == NULL)
+			continue;
+		*colon = '\0';
+		while (probe_addr(addr, colon + 1) != want_open)
+		{
+			if (now_ms() >= deadline)
+			{
+				logmsg("warning: listener %s:%s still %s", addr, colon + 1,
+					   want_open ? "refusing connections" : "accepting connections");
+				stuck++;
+				break;
+			}
+			nanosleep(&pause, NULL);
+		}
+	}
+	free(copy);
+	return stuck;
+}
+
 /* Set every broker 1..n down (up == 0) or up (up != 0). */
 static void
 set_brokers(rd_kafka_mock_cluster_t *mc, int n, int up)
@@ -362,7 +452,6 @@ main(int argc, char **argv)
 	sigemptyset(&sigs);
 	sigaddset(&sigs, SIGTERM);
 	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
 	sigaddset(&sigs, SIGUSR1);
 	sigaddset(&sigs, SIGUSR2);
 	if (pthread_sigmask(SIG_BLOCK, &sigs, NULL) != 0)
@@ -385,14 +474,13 @@ main(int argc, char **argv)
 	}
 
 	rk = make_handle();
-	if (rk == NULL)
-		return 1;
-	mc = rd_kafka_mock_cluster_new(rk, opts.brokers);
+	mc = rk ? rd_kafka_mock_cluster_new(rk, opts.brokers) : NULL;
 	if (mc == NULL)
 	{
-		logmsg("cannot create mock cluster");
-		rd_kafka_destroy(rk);
-		return 1;
+		if (rk != NULL)
+			logmsg("cannot create mock cluster");
+		status = 1;
+		goto out;
 	}
 
 	rf = opts.brokers < 3 ? opts.brokers : 3;
@@ -403,6 +491,11 @@ main(int argc, char **argv)
 	}
 
 	bootstrap = rd_kafka_mock_cluster_bootstraps(mc);
+	if (wait_listeners(bootstrap, 1) != 0)
+	{
+		status = 1;
+		goto out;
+	}
 	linelen = strlen(bootstrap) + 2;
 	line = malloc(linelen);
 	if (line == NULL)
@@ -433,12 +526,14 @@ main(int argc, char **argv)
 		if (sig == SIGUSR1)
 		{
 			set_brokers(mc, opts.brokers, 0);
+			wait_listeners(bootstrap, 0);
 			logmsg(down ? "brokers down (already down)" : "brokers down");
 			down = 1;
 		}
 		else if (sig == SIGUSR2)
 		{
 			set_brokers(mc, opts.brokers, 1);
+			wait_listeners(bootstrap, 1);
 			logmsg(down ? "brokers up" : "brokers up (already up)");
 			down = 0;
 		}
@@ -450,8 +545,10 @@ main(int argc, char **argv)
 	}
 
 out:
-	rd_kafka_mock_cluster_destroy(mc);
-	rd_kafka_destroy(rk);
+	if (mc != NULL)
+		rd_kafka_mock_cluster_destroy(mc);
+	if (rk != NULL)
+		rd_kafka_destroy(rk);
 	if (opts.pid_file)
 		unlink(opts.pid_file);
 	return status;

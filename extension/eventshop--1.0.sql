@@ -37,6 +37,8 @@ CREATE TABLE eventshop.users (
 	CONSTRAINT users_email_key UNIQUE (email)
 );
 COMMENT ON TABLE eventshop.users IS 'Accounts. email is stored normalised (trimmed, lower case); password_hash is an argon2id PHC string.';
+-- pg_dump leaves out the rows of extension tables unless they are marked.
+SELECT pg_catalog.pg_extension_config_dump('eventshop.users', '');
 
 -- Passwords too common to accept whatever their length; the auth module ships
 -- a larger list.
@@ -75,6 +77,8 @@ CREATE TABLE eventshop.outbox (
 	last_error		text
 );
 COMMENT ON TABLE eventshop.outbox IS 'Events waiting to be published to Kafka; payload is the complete CloudEvents 1.0 JSON document.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.outbox_id_seq', '');
 
 CREATE FUNCTION eventshop._wake_worker_on_commit()
 RETURNS trigger
@@ -145,7 +149,11 @@ LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v text := lower(btrim(email));
+	-- COLLATE "C": lower-case ASCII only. Under a libc or ICU locale lower()
+	-- also maps look-alikes such as U+0130 (dotted I) or U+212A (Kelvin sign)
+	-- to ASCII letters, so the check below would accept them as another
+	-- address, and the result would depend on the database's locale.
+	v text := lower(btrim(email) COLLATE "C");
 BEGIN
 	IF v IS NULL OR v = '' THEN
 		RAISE EXCEPTION 'e-mail address is required' USING ERRCODE = 'null_value_not_allowed';
@@ -327,6 +335,16 @@ CREATE TABLE eventshop.notification_attempts (
 CREATE INDEX notification_attempts_notification_idx ON eventshop.notification_attempts (notification_id);
 COMMENT ON TABLE eventshop.notification_attempts IS 'Every delivery attempt with the server''s response.';
 
+-- pg_dump keeps the dispatcher's progress and queue: losing the inbox or the
+-- offsets on restore would send every e-mail again.
+SELECT pg_catalog.pg_extension_config_dump('eventshop.consumer_offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.rejected_events', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.rejected_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.notifications', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.notification_attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.notification_attempts_id_seq', '');
+
 CREATE TRIGGER notifications_wake_dispatcher
 	AFTER INSERT OR UPDATE ON eventshop.notifications
 	FOR EACH STATEMENT EXECUTE FUNCTION eventshop._wake_worker_on_commit('dispatcher');
@@ -356,7 +374,7 @@ BEGIN
 	BEGIN
 		v_event := payload::jsonb;
 		v_id := coalesce(event_id, v_event->>'id')::uuid;
-	EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
+	EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
 		v_event := NULL;
 	END;
 	IF v_event IS NULL OR v_id IS NULL OR jsonb_typeof(v_event) <> 'object'
@@ -434,8 +452,11 @@ BEGIN
 	INSERT INTO eventshop.notification_attempts (notification_id, succeeded, response)
 	VALUES (notification_id, succeeded, left(response, 2000));
 
-	SELECT n.attempts INTO v_attempts FROM eventshop.notifications n
+	SELECT n.attempts, n.status INTO v_attempts, v_status FROM eventshop.notifications n
 	WHERE n.id = _record_delivery.notification_id FOR UPDATE;
+	IF v_status IS DISTINCT FROM 'pending' THEN
+		RETURN v_status;		-- a late report never reopens a sent or dead notification
+	END IF;
 
 	v_status := CASE WHEN succeeded THEN 'sent'
 					 WHEN permanent OR v_attempts >= max_attempts THEN 'dead'
@@ -461,7 +482,10 @@ RETURNS double precision
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT greatest(0, extract(epoch FROM min(n.next_attempt_at) - clock_timestamp()))::double precision
+	-- greatest() ignores NULLs, so the no-pending case needs its own branch
+	SELECT CASE WHEN min(n.next_attempt_at) IS NOT NULL
+				THEN greatest(0, extract(epoch FROM min(n.next_attempt_at) - clock_timestamp()))::double precision
+		   END
 	FROM eventshop.notifications n WHERE n.status = 'pending'
 $$;
 COMMENT ON FUNCTION eventshop._seconds_until_next_notification() IS 'Internal (dispatcher): how long until the next pending notification is due.';

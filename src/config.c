@@ -28,7 +28,7 @@ int			es_dispatcher_batch_size = 100;
 char	   *es_smtp_url = NULL;
 char	   *es_smtp_from = NULL;
 char	   *es_smtp_username = NULL;
-char	   *es_smtp_password = NULL;
+char	   *es_smtp_password_file = NULL;
 int			es_smtp_timeout_ms = 10000;
 int			es_notification_max_attempts = 8;
 
@@ -99,10 +99,11 @@ es_define_settings(void)
 							   "User name for SMTP authentication; empty for none.",
 							   NULL, &es_smtp_username, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-	DefineCustomStringVariable("eventshop.smtp_password",
-							   "Password for SMTP authentication.",
-							   NULL, &es_smtp_password, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.smtp_password_file",
+							   "File holding the password for SMTP authentication.",
+							   "Read at each delivery; a file keeps the secret out of the configuration and the server log.",
+							   &es_smtp_password_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("eventshop.smtp_timeout",
 							"Time limit for one SMTP delivery attempt.",
 							NULL, &es_smtp_timeout_ms, 10000, 100, 300000,

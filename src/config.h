@@ -28,7 +28,7 @@ extern int	es_dispatcher_batch_size;
 extern char *es_smtp_url;
 extern char *es_smtp_from;
 extern char *es_smtp_username;
-extern char *es_smtp_password;
+extern char *es_smtp_password_file;
 extern int	es_smtp_timeout_ms;
 extern int	es_notification_max_attempts;
 

@@ -205,7 +205,6 @@ static void
 es_kafka_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
 	EsKafka    *kafka = (EsKafka *) opaque;
-	TimestampTz now = GetCurrentTimestamp();
 	char		fatal_reason[512];
 
 	if (err == RD_KAFKA_RESP_ERR__FATAL)
@@ -214,6 +213,15 @@ es_kafka_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 		err = rd_kafka_fatal_error(rk, fatal_reason, sizeof(fatal_reason));
 		reason = fatal_reason;
 	}
+	es_kafka_log_error(kafka, err, reason);
+}
+
+/* Logs one client error unless the same error was logged less than a minute ago. */
+void
+es_kafka_log_error(EsKafka *kafka, rd_kafka_resp_err_t err, const char *reason)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
 	if (err == kafka->last_error &&
 		!TimestampDifferenceExceeds(kafka->last_error_logged_at, now, ES_KAFKA_ERROR_LOG_INTERVAL_MS))
 		return;

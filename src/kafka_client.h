@@ -47,6 +47,13 @@ extern void es_kafka_close(EsKafka *kafka);
 /* Whether the eventshop.kafka_* settings changed since the client was built. */
 extern bool es_kafka_settings_changed(const EsKafka *kafka);
 
+/*
+ * Logs a client error at LOG, each distinct error at most once a minute, so
+ * an outage writes a few lines rather than a storm. The error callback uses
+ * it; so can callers for per-message errors.
+ */
+extern void es_kafka_log_error(EsKafka *kafka, rd_kafka_resp_err_t err, const char *reason);
+
 /* Empties the wake-up pipe; call after waking and before polling. */
 extern void es_kafka_drain_wakeups(EsKafka *kafka);
 

@@ -1,0 +1,905 @@
+/*
+ * dispatcher.c
+ *		The dispatcher worker: consumes events from Kafka into the inbox and
+ *		sends the notifications they queue, by e-mail, with retries.
+ *
+ * Each notification is created exactly once:
+ *	- The consumer's progress lives in eventshop.consumer_offsets, written by
+ *	  eventshop._ingest_event in the same transaction as the inbox row and
+ *	  the notifications an event produced. When partitions are assigned, the
+ *	  consumer starts from those offsets, so a crash, restart or rebalance
+ *	  re-reads at most the events of a batch that did not commit, and the
+ *	  inbox (keyed by event id) turns a redelivered event into a no-op.
+ *	- Offsets are also committed to Kafka, strictly after the database
+ *	  commit, so that Kafka tooling shows the lag. Kafka's copy is used only
+ *	  for partitions the database has no offset for.
+ *	- A message that is no valid event (payload not UTF-8, NUL bytes, over
+ *	  1 MB, not JSON, no id) is recorded in eventshop.rejected_events and
+ *	  skipped. If a batch fails on some message's data all the same, it is
+ *	  replayed one message per transaction and only the culprit is recorded
+ *	  as rejected, so bad input can neither crash nor wedge the worker.
+ *
+ * Sending is at-least-once: due notifications are leased in a short
+ * transaction, sent with no transaction open, and each outcome is recorded
+ * right after its attempt; if the worker dies mid-send, the lease runs out
+ * and the notification is sent again.
+ *
+ * librdkafka's callbacks (logs, errors, rebalances, commit results) are
+ * served by rd_kafka_consumer_poll() on this thread, which is only called
+ * outside transactions: the rebalance callback runs its own.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "config.h"
+#include "kafka_client.h"
+#include "smtp_sender.h"
+#include "worker_runtime.h"
+
+PGDLLEXPORT void eventshop_dispatcher_main(Datum main_arg);
+
+/* Longest sleep without a wake-up; also the pause while the extension is missing. */
+#define DISPATCHER_IDLE_TIMEOUT_MS	10000
+/* Shortest sleep: a due notification can be locked by someone else and not claimable. */
+#define DISPATCHER_MIN_TIMEOUT_MS	100
+/* Larger payloads are rejected without being parsed. */
+#define DISPATCHER_MAX_PAYLOAD		(1024 * 1024)
+/* Longer ce_id or ce_type headers get the message rejected. */
+#define DISPATCHER_MAX_HEADER		1024
+/* A claimed notification stays ours this long, then it is due again. */
+#define DISPATCHER_LEASE_SECONDS	60
+/* Longest wait for the broker when leaving the consumer group. */
+#define DISPATCHER_LEAVE_TIMEOUT_MS	2000
+
+/* A statement planned on first use and kept for the life of the worker. */
+typedef struct DispatcherQuery
+{
+	const char *sql;
+	int			nargs;
+	Oid			argtypes[7];
+	SPIPlanPtr	plan;
+} DispatcherQuery;
+
+/* One claimed notification, copied out of its transaction, in UTF-8. */
+typedef struct DispatcherNotification
+{
+	char	   *channel;
+	EsSmtpMessage message;		/* message.id is the notification id */
+} DispatcherNotification;
+
+static DispatcherQuery ingest_query = {
+	.sql = "SELECT eventshop._ingest_event($1, $2, $3, $4, $5, $6, $7)",
+	.nargs = 7,
+	.argtypes = {TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID}
+};
+static DispatcherQuery offset_query = {
+	.sql = "SELECT next_offset FROM eventshop.consumer_offsets "
+	"WHERE group_id = $1 AND topic = $2 AND partition = $3",
+	.nargs = 3,
+	.argtypes = {TEXTOID, TEXTOID, INT4OID}
+};
+static DispatcherQuery claim_query = {
+	.sql = "SELECT id::text, channel, recipient, subject, body_text "
+	"FROM eventshop._claim_notifications($1, $2)",
+	.nargs = 2,
+	.argtypes = {INT4OID, INT4OID}
+};
+static DispatcherQuery record_query = {
+	.sql = "SELECT eventshop._record_delivery($1::uuid, $2, $3, $4, $5)",
+	.nargs = 5,
+	.argtypes = {TEXTOID, BOOLOID, BOOLOID, TEXTOID, INT4OID}
+};
+static DispatcherQuery next_due_query = {
+	.sql = "SELECT eventshop._seconds_until_next_notification()",
+	.nargs = 0
+};
+
+static EsKafka *dispatcher_kafka = NULL;
+static MemoryContext loop_context = NULL;	/* reset once per main-loop round */
+
+/* Messages polled but not yet ingested; destroyed before the consumer is. */
+static rd_kafka_message_t **held_messages = NULL;
+static int	held_count = 0;
+
+/* Set by the rebalance callback, to end the current poll round. */
+static bool rebalanced = false;
+/* True while the rebalance callback runs (inside librdkafka). */
+static bool in_rebalance = false;
+/* An ERROR caught in the rebalance callback, raised again once the poll returned. */
+static ErrorData *rebalance_error = NULL;
+
+static void dispatcher_open_consumer(void);
+static void dispatcher_close_consumer(void);
+static void dispatcher_leave_group(void);
+static void dispatcher_cleanup(int code, Datum arg);
+static rd_kafka_topic_partition_list_t *dispatcher_topic_list(void);
+static const char *dispatcher_logical_topic(const char *topic);
+static void dispatcher_run(DispatcherQuery *query, Datum *values, const char *nulls);
+static bool dispatcher_consume(void);
+static int	dispatcher_poll_batch(int batch_size);
+static void dispatcher_release_messages(void);
+static void dispatcher_log_message_error(const rd_kafka_message_t *msg);
+static void dispatcher_ingest(rd_kafka_message_t **msgs, int count, bool as_rejected);
+static void dispatcher_retry_ingest(rd_kafka_message_t **msgs, int count, const ErrorData *edata);
+static bool dispatcher_is_data_error(int sqlerrcode);
+static bool dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected);
+static bool dispatcher_read_header(const rd_kafka_message_t *msg, const char *name,
+								   Datum *value, char *isnull);
+static bool dispatcher_valid_text(const void *data, size_t length, size_t max_length);
+static Datum dispatcher_text_datum(const void *data, size_t length);
+static void dispatcher_commit_offsets(rd_kafka_message_t **msgs, int count);
+static void dispatcher_commit_result(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+									 rd_kafka_topic_partition_list_t *offsets, void *opaque);
+static void dispatcher_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+								 rd_kafka_topic_partition_list_t *partitions, void *opaque);
+static bool dispatcher_load_offsets(rd_kafka_topic_partition_list_t *partitions);
+static void dispatcher_log_assignment(const char *what, const rd_kafka_topic_partition_list_t *partitions);
+static bool dispatcher_send_notifications(void);
+static int	dispatcher_claim_limit(void);
+static int	dispatcher_claim(int limit, DispatcherNotification **batch);
+static char *dispatcher_copy_utf8(HeapTuple tuple, TupleDesc desc, int attnum);
+static void dispatcher_deliver(const DispatcherNotification *notification, EsSmtpResult *result);
+static char *dispatcher_record(const DispatcherNotification *notification, const EsSmtpResult *result);
+static long dispatcher_idle_timeout(void);
+
+/*
+ * Worker entry point: ingest a batch from Kafka, send due notifications,
+ * then sleep until Kafka has news, a commit queues a notification, the next
+ * retry is due, or a signal arrives.
+ */
+void
+eventshop_dispatcher_main(Datum main_arg)
+{
+	(void) main_arg;
+	es_worker_start(ES_WORKER_DISPATCHER);
+	on_proc_exit(dispatcher_cleanup, (Datum) 0);
+	es_smtp_init();
+	loop_context = AllocSetContextCreate(TopMemoryContext, "eventshop dispatcher",
+										 ALLOCSET_DEFAULT_SIZES);
+
+	while (!es_worker_extension_ready())
+		es_worker_wait(DISPATCHER_IDLE_TIMEOUT_MS, PGINVALID_SOCKET);
+	dispatcher_open_consumer();
+
+	for (;;)
+	{
+		bool		more;
+
+		MemoryContextReset(loop_context);
+		MemoryContextSwitchTo(loop_context);
+		more = dispatcher_consume();
+		more = dispatcher_send_notifications() || more;
+
+		/*
+		 * Our own writes to eventshop.notifications fire its wake-up trigger
+		 * and set our latch. Forget those wake-ups, then look at interrupts
+		 * and the queue: whatever committed before this point is seen by
+		 * dispatcher_idle_timeout(), anything later sets the latch again.
+		 */
+		ResetLatch(MyLatch);
+		es_worker_check_interrupts();
+		if (!more)
+			es_worker_wait(dispatcher_idle_timeout(), dispatcher_kafka->wake_pipe[0]);
+
+		if (dispatcher_kafka->fatal || es_kafka_settings_changed(dispatcher_kafka))
+		{
+			ereport(LOG,
+					(errmsg("eventshop dispatcher: recreating the Kafka consumer")));
+			dispatcher_close_consumer();
+			dispatcher_open_consumer();
+		}
+	}
+}
+
+/* Creates the consumer and subscribes it; offsets come from the rebalance callback. */
+static void
+dispatcher_open_consumer(void)
+{
+	rd_kafka_conf_t *conf = es_kafka_conf_new("dispatcher");
+	rd_kafka_topic_partition_list_t *topics;
+	rd_kafka_resp_err_t err;
+
+	es_kafka_conf_set(conf, "group.id", es_dispatcher_group);
+	es_kafka_conf_set(conf, "enable.auto.commit", "false");
+	es_kafka_conf_set(conf, "enable.auto.offset.store", "false");
+	es_kafka_conf_set(conf, "auto.offset.reset", "earliest");
+	rd_kafka_conf_set_rebalance_cb(conf, dispatcher_rebalance);
+	rd_kafka_conf_set_offset_commit_cb(conf, dispatcher_commit_result);
+	dispatcher_kafka = es_kafka_open(RD_KAFKA_CONSUMER, conf, "dispatcher");
+
+	topics = dispatcher_topic_list();
+	err = rd_kafka_subscribe(dispatcher_kafka->rk, topics);
+	rd_kafka_topic_partition_list_destroy(topics);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("eventshop dispatcher: could not subscribe to \"%s\": %s",
+						es_dispatcher_topics, rd_kafka_err2str(err))));
+	ereport(LOG,
+			(errmsg("eventshop dispatcher: consuming \"%s\" as group \"%s\"",
+					es_dispatcher_topics, es_dispatcher_group)));
+}
+
+/*
+ * Leaves the group and destroys the consumer. If the worker is exiting from
+ * inside the rebalance callback (SIGTERM while it ran SQL), the handle is
+ * left alone: librdkafka must not be re-entered from its own callback.
+ */
+static void
+dispatcher_close_consumer(void)
+{
+	if (dispatcher_kafka == NULL || in_rebalance)
+		return;
+	dispatcher_release_messages();
+	dispatcher_leave_group();
+	es_kafka_close(dispatcher_kafka);
+	dispatcher_kafka = NULL;
+}
+
+/*
+ * Leaves the consumer group, waiting at most DISPATCHER_LEAVE_TIMEOUT_MS for
+ * the broker, so that a restarted worker gets its partitions back at once
+ * instead of after the session timeout of the member it replaces. The
+ * revocation is served by dispatcher_rebalance, which runs no SQL for it.
+ */
+static void
+dispatcher_leave_group(void)
+{
+	rd_kafka_t *rk = dispatcher_kafka->rk;
+	rd_kafka_queue_t *queue;
+	rd_kafka_error_t *error;
+	TimestampTz deadline;
+
+	if (dispatcher_kafka->fatal)
+		return;
+	queue = rd_kafka_queue_new(rk);
+	error = rd_kafka_consumer_close_queue(rk, queue);
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), DISPATCHER_LEAVE_TIMEOUT_MS);
+	if (error != NULL)
+		rd_kafka_error_destroy(error);
+	else
+		while (!rd_kafka_consumer_closed(rk) && GetCurrentTimestamp() < deadline)
+			rd_kafka_queue_poll_callback(queue, 100);
+	rd_kafka_queue_destroy(queue);
+}
+
+/* on_proc_exit: frees the consumer, also after an ERROR ended the worker. */
+static void
+dispatcher_cleanup(int code, Datum arg)
+{
+	(void) code;
+	(void) arg;
+	dispatcher_close_consumer();
+}
+
+/* The subscription: eventshop.dispatcher_topics split at commas, each with the topic prefix. */
+static rd_kafka_topic_partition_list_t *
+dispatcher_topic_list(void)
+{
+	rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(8);
+	char	   *copy = pstrdup(es_dispatcher_topics);
+	char	   *saveptr = NULL;
+
+	for (char *topic = strtok_r(copy, ", \t", &saveptr); topic != NULL;
+		 topic = strtok_r(NULL, ", \t", &saveptr))
+	{
+		char	   *name = es_kafka_topic_name(topic);
+
+		rd_kafka_topic_partition_list_add(topics, name, RD_KAFKA_PARTITION_UA);
+		pfree(name);
+	}
+	pfree(copy);
+	if (topics->cnt == 0)
+	{
+		rd_kafka_topic_partition_list_destroy(topics);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("eventshop.dispatcher_topics names no topic")));
+	}
+	return topics;
+}
+
+/* The topic name without eventshop.topic_prefix, as the tables store it. */
+static const char *
+dispatcher_logical_topic(const char *topic)
+{
+	size_t		prefix_length = es_topic_prefix ? strlen(es_topic_prefix) : 0;
+
+	if (prefix_length > 0 && strncmp(topic, es_topic_prefix, prefix_length) == 0)
+		return topic + prefix_length;
+	return topic;
+}
+
+/*
+ * Executes a SELECT through its kept plan (prepared on first use). After
+ * DROP EXTENSION the plan fails with an ERROR, which ends the worker; the
+ * restarted worker waits for the extension again.
+ */
+static void
+dispatcher_run(DispatcherQuery *query, Datum *values, const char *nulls)
+{
+	int			rc;
+
+	if (query->plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(query->sql, query->nargs, query->argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "eventshop dispatcher: could not prepare \"%s\": %s",
+				 query->sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "eventshop dispatcher: could not keep the plan of \"%s\"", query->sql);
+		query->plan = plan;
+	}
+	rc = SPI_execute_plan(query->plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "eventshop dispatcher: \"%s\" failed: %s", query->sql, SPI_result_code_string(rc));
+}
+
+/*
+ * Ingests one batch of messages and mirrors its offsets to Kafka. Returns
+ * true when the round ended early (full batch, rebalance), so the caller
+ * goes on without sleeping: messages already queued would not write to the
+ * wake-up pipe again.
+ */
+static bool
+dispatcher_consume(void)
+{
+	int			batch_size = es_dispatcher_batch_size;
+	int			count = dispatcher_poll_batch(batch_size);
+
+	if (count > 0)
+	{
+		dispatcher_ingest(held_messages, count, false);
+		dispatcher_commit_offsets(held_messages, count);
+	}
+	dispatcher_release_messages();
+	return count == batch_size || rebalanced;
+}
+
+/*
+ * Polls, without blocking, up to batch_size messages into held_messages.
+ * Serves librdkafka's callbacks on the way, so it must run outside any
+ * transaction; message errors are logged and skipped.
+ */
+static int
+dispatcher_poll_batch(int batch_size)
+{
+	Assert(!IsTransactionState());
+	held_messages = MemoryContextAlloc(loop_context, sizeof(rd_kafka_message_t *) * batch_size);
+	held_count = 0;
+	rebalanced = false;
+	es_kafka_drain_wakeups(dispatcher_kafka);
+
+	while (held_count < batch_size && !rebalanced)
+	{
+		rd_kafka_message_t *msg = rd_kafka_consumer_poll(dispatcher_kafka->rk, 0);
+
+		if (rebalance_error != NULL)
+		{
+			ErrorData  *edata = rebalance_error;
+
+			rebalance_error = NULL;
+			if (msg != NULL)
+				rd_kafka_message_destroy(msg);
+			ReThrowError(edata);
+		}
+		if (msg == NULL)
+			break;
+		if (msg->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			dispatcher_log_message_error(msg);
+			rd_kafka_message_destroy(msg);
+			continue;
+		}
+		held_messages[held_count++] = msg;
+	}
+	return held_count;
+}
+
+/* Hands the polled messages back to librdkafka. */
+static void
+dispatcher_release_messages(void)
+{
+	for (int i = 0; i < held_count; i++)
+		rd_kafka_message_destroy(held_messages[i]);
+	held_count = 0;
+	held_messages = NULL;
+}
+
+/* Logs a consumer error (unknown topic, broker trouble), rate-limited; partition EOF is no error. */
+static void
+dispatcher_log_message_error(const rd_kafka_message_t *msg)
+{
+	char		reason[512];
+
+	if (msg->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+		return;
+	snprintf(reason, sizeof(reason), "%s [%d]: %s",
+			 msg->rkt ? rd_kafka_topic_name(msg->rkt) : "-", (int) msg->partition,
+			 rd_kafka_message_errstr(msg));
+	es_kafka_log_error(dispatcher_kafka, msg->err, reason);
+}
+
+/*
+ * Ingests messages in one transaction. When the batch fails on a message's
+ * data, it is replayed message by message, and a single failing message is
+ * recorded as rejected (as_rejected: only its offset, no content). Other
+ * errors (database trouble, extension dropped) end the worker as usual.
+ */
+static void
+dispatcher_ingest(rd_kafka_message_t **msgs, int count, bool as_rejected)
+{
+	PG_TRY();
+	{
+		int			rejected = 0;
+
+		es_worker_begin("eventshop dispatcher: ingesting events");
+		for (int i = 0; i < count; i++)
+			rejected += dispatcher_ingest_message(msgs[i], as_rejected) ? 1 : 0;
+		es_worker_commit();
+		if (rejected > 0 && !as_rejected)
+			ereport(LOG,
+					(errmsg("eventshop dispatcher: %d of %d consumed messages were not valid events",
+							rejected, count),
+					 errhint("See eventshop.rejected_events.")));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(loop_context);
+		edata = CopyErrorData();
+		if (as_rejected || !dispatcher_is_data_error(edata->sqlerrcode))
+			PG_RE_THROW();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		dispatcher_retry_ingest(msgs, count, edata);
+	}
+	PG_END_TRY();
+}
+
+/* After a failed batch: replays it one message at a time, or rejects the lone culprit. */
+static void
+dispatcher_retry_ingest(rd_kafka_message_t **msgs, int count, const ErrorData *edata)
+{
+	if (count > 1)
+	{
+		ereport(LOG,
+				(errmsg("eventshop dispatcher: a batch of %d events failed; ingesting them one at a time",
+						count),
+				 errdetail("%s", edata->message)));
+		for (int i = 0; i < count; i++)
+			dispatcher_ingest(&msgs[i], 1, false);
+		return;
+	}
+	ereport(WARNING,
+			(errmsg("eventshop dispatcher: rejecting the message at %s [%d] offset " INT64_FORMAT,
+					rd_kafka_topic_name(msgs[0]->rkt), (int) msgs[0]->partition,
+					(int64) msgs[0]->offset),
+			 errdetail("%s", edata->message)));
+	dispatcher_ingest(msgs, 1, true);
+}
+
+/*
+ * Whether an error is the message's fault: bad data (class 22), a violated
+ * constraint (23) or a program limit such as nesting depth (54). Anything
+ * else may be transient and must not get an event rejected.
+ */
+static bool
+dispatcher_is_data_error(int sqlerrcode)
+{
+	int			category = ERRCODE_TO_CATEGORY(sqlerrcode);
+
+	return category == ERRCODE_DATA_EXCEPTION ||
+		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
+		category == ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+}
+
+/*
+ * Calls eventshop._ingest_event for one message. Headers and payload must
+ * be UTF-8 without NUL bytes and not too large to be passed as text; a
+ * message failing that goes in with only its offset, so SQL records it as
+ * rejected. Returns whether it was rejected.
+ */
+static bool
+dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected)
+{
+	const char *topic = rd_kafka_topic_name(msg->rkt);
+	Datum		values[7];
+	char		nulls[7];
+	bool		valid = !as_rejected;
+	bool		isnull;
+	Datum		status;
+
+	memset(nulls, 'n', sizeof(nulls));
+	values[0] = CStringGetTextDatum(es_dispatcher_group);
+	values[1] = CStringGetTextDatum(dispatcher_logical_topic(topic));
+	values[2] = Int32GetDatum(msg->partition);
+	values[3] = Int64GetDatum(msg->offset);
+	nulls[0] = nulls[1] = nulls[2] = nulls[3] = ' ';
+
+	valid = valid &&
+		dispatcher_read_header(msg, "ce_id", &values[4], &nulls[4]) &&
+		dispatcher_read_header(msg, "ce_type", &values[5], &nulls[5]) &&
+		dispatcher_valid_text(msg->payload, msg->len, DISPATCHER_MAX_PAYLOAD);
+	if (valid)
+	{
+		values[6] = dispatcher_text_datum(msg->payload, msg->len);
+		nulls[6] = ' ';
+	}
+	else
+		nulls[4] = nulls[5] = nulls[6] = 'n';
+
+	dispatcher_run(&ingest_query, values, nulls);
+	status = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return !isnull && strcmp(TextDatumGetCString(status), "rejected") == 0;
+}
+
+/*
+ * Reads the last header called name: true, with *isnull = 'n', when it is
+ * absent or null; false when its value is not acceptable text.
+ */
+static bool
+dispatcher_read_header(const rd_kafka_message_t *msg, const char *name, Datum *value, char *isnull)
+{
+	rd_kafka_headers_t *headers;
+	const void *data;
+	size_t		size;
+
+	*isnull = 'n';
+	if (rd_kafka_message_headers(msg, &headers) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		rd_kafka_header_get_last(headers, name, &data, &size) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		data == NULL)
+		return true;
+	if (!dispatcher_valid_text(data, size, DISPATCHER_MAX_HEADER))
+		return false;
+	*value = dispatcher_text_datum(data, size);
+	*isnull = ' ';
+	return true;
+}
+
+/* Whether bytes are present, at most max_length long, and valid UTF-8 without NULs. */
+static bool
+dispatcher_valid_text(const void *data, size_t length, size_t max_length)
+{
+	return data != NULL && length <= max_length &&
+		pg_verify_mbstr(PG_UTF8, data, (int) length, true);
+}
+
+/* A text Datum from validated UTF-8, converted to the database encoding. */
+static Datum
+dispatcher_text_datum(const void *data, size_t length)
+{
+	char	   *converted = pg_any_to_server(data, (int) length, PG_UTF8);
+
+	if (converted == data)
+		return PointerGetDatum(cstring_to_text_with_len(converted, (int) length));
+	return CStringGetTextDatum(converted);
+}
+
+/*
+ * Mirrors the next offsets of an ingested batch to Kafka (asynchronously),
+ * after the database commit, only so that Kafka tooling sees the lag.
+ */
+static void
+dispatcher_commit_offsets(rd_kafka_message_t **msgs, int count)
+{
+	rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_new(count);
+	rd_kafka_resp_err_t err;
+
+	for (int i = 0; i < count; i++)
+	{
+		const char *topic = rd_kafka_topic_name(msgs[i]->rkt);
+		rd_kafka_topic_partition_t *partition =
+			rd_kafka_topic_partition_list_find(offsets, topic, msgs[i]->partition);
+
+		if (partition == NULL)
+			partition = rd_kafka_topic_partition_list_add(offsets, topic, msgs[i]->partition);
+		partition->offset = Max(partition->offset, msgs[i]->offset + 1);
+	}
+	err = rd_kafka_commit(dispatcher_kafka->rk, offsets, 1);
+	rd_kafka_topic_partition_list_destroy(offsets);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		es_kafka_log_error(dispatcher_kafka, err,
+						   "could not commit offsets to Kafka; the offsets stored in the database are unaffected");
+}
+
+/* Offset commit result (served by the poll): logs failures, rate-limited. */
+static void
+dispatcher_commit_result(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+						 rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+	(void) rk;
+	for (int i = 0; err == RD_KAFKA_RESP_ERR_NO_ERROR && offsets != NULL && i < offsets->cnt; i++)
+		err = offsets->elems[i].err;
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+		es_kafka_log_error((EsKafka *) opaque, err,
+						   "could not commit offsets to Kafka; the offsets stored in the database are unaffected");
+}
+
+/*
+ * Rebalance callback, run inside rd_kafka_consumer_poll() on this thread:
+ * on assignment, starts each partition at the offset stored in the database;
+ * on revocation (or error), drops the partitions. Handles both the eager
+ * and the cooperative protocol.
+ */
+static void
+dispatcher_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+					 rd_kafka_topic_partition_list_t *partitions, void *opaque)
+{
+	bool		cooperative = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+	bool		assign = err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+	rd_kafka_error_t *error = NULL;
+	rd_kafka_resp_err_t assign_err = RD_KAFKA_RESP_ERR_NO_ERROR;
+
+	(void) opaque;
+	rebalanced = true;
+	in_rebalance = true;
+	if (assign && !dispatcher_load_offsets(partitions))
+	{
+		in_rebalance = false;
+		return;					/* the poll's caller raises the error */
+	}
+
+	if (cooperative)
+		error = assign ? rd_kafka_incremental_assign(rk, partitions)
+			: rd_kafka_incremental_unassign(rk, partitions);
+	else
+		assign_err = rd_kafka_assign(rk, assign ? partitions : NULL);
+
+	in_rebalance = false;
+	if (error != NULL)
+	{
+		assign_err = rd_kafka_error_code(error);
+		rd_kafka_error_destroy(error);
+	}
+	if (assign_err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		/* a consumer that cannot take its assignment is rebuilt */
+		ereport(LOG,
+				(errmsg("eventshop dispatcher: could not %s partitions: %s",
+						assign ? "assign" : "revoke", rd_kafka_err2str(assign_err))));
+		dispatcher_kafka->fatal = true;
+		return;
+	}
+	dispatcher_log_assignment(assign ? "assigned" : err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS ?
+							  "revoked" : rd_kafka_err2str(err), partitions);
+}
+
+/*
+ * Sets each partition's start offset from eventshop.consumer_offsets, or to
+ * RD_KAFKA_OFFSET_INVALID (Kafka's committed offset, else the earliest)
+ * when the database has none. Runs its own transaction. An ERROR must not
+ * unwind through librdkafka: it is kept in rebalance_error for the poll's
+ * caller to raise, and false is returned.
+ */
+static bool
+dispatcher_load_offsets(rd_kafka_topic_partition_list_t *partitions)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	Assert(!IsTransactionState());
+	PG_TRY();
+	{
+		es_worker_begin("eventshop dispatcher: loading consumer offsets");
+		for (int i = 0; i < partitions->cnt; i++)
+		{
+			rd_kafka_topic_partition_t *partition = &partitions->elems[i];
+			Datum		values[3];
+			bool		isnull = true;
+			Datum		next_offset = (Datum) 0;
+
+			values[0] = CStringGetTextDatum(es_dispatcher_group);
+			values[1] = CStringGetTextDatum(dispatcher_logical_topic(partition->topic));
+			values[2] = Int32GetDatum(partition->partition);
+			dispatcher_run(&offset_query, values, NULL);
+			if (SPI_processed == 1)
+				next_offset = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			partition->offset = isnull ? RD_KAFKA_OFFSET_INVALID : DatumGetInt64(next_offset);
+		}
+		es_worker_commit();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(TopMemoryContext);
+		rebalance_error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(oldcontext);
+	return ok;
+}
+
+/* Logs an assignment change with each partition's start offset. */
+static void
+dispatcher_log_assignment(const char *what, const rd_kafka_topic_partition_list_t *partitions)
+{
+	StringInfoData detail;
+
+	initStringInfo(&detail);
+	for (int i = 0; i < partitions->cnt; i++)
+	{
+		const rd_kafka_topic_partition_t *partition = &partitions->elems[i];
+
+		appendStringInfo(&detail, "%s%s [%d]", i > 0 ? ", " : "",
+						 partition->topic, (int) partition->partition);
+		if (partition->offset >= 0)
+			appendStringInfo(&detail, " at offset " INT64_FORMAT, (int64) partition->offset);
+	}
+	ereport(LOG,
+			(errmsg("eventshop dispatcher: %s %d partition(s)", what, partitions->cnt),
+			 partitions->cnt > 0 ? errdetail("%s.", detail.data) : 0));
+	pfree(detail.data);
+}
+
+/*
+ * Claims due notifications, sends each with no transaction open and records
+ * each outcome right away. Returns true if the claim was full, so more may
+ * be due at once.
+ */
+static bool
+dispatcher_send_notifications(void)
+{
+	int			limit = dispatcher_claim_limit();
+	DispatcherNotification *batch;
+	int			count = dispatcher_claim(limit, &batch);
+	int			failed = 0;
+	EsSmtpResult result;
+
+	for (int i = 0; i < count; i++)
+	{
+		char	   *status;
+
+		es_worker_check_interrupts();
+		dispatcher_deliver(&batch[i], &result);
+		status = dispatcher_record(&batch[i], &result);
+		if (strcmp(status, "dead") == 0)
+			ereport(WARNING,
+					(errmsg("eventshop dispatcher: notification %s failed for good and was dead-lettered",
+							batch[i].message.id),
+					 errdetail("%s", result.response)));
+		else if (!result.ok)
+			failed++;
+		else
+			elog(DEBUG1, "eventshop dispatcher: notification %s sent: %s",
+				 batch[i].message.id, result.response);
+	}
+	if (failed > 0)
+		ereport(LOG,
+				(errmsg("eventshop dispatcher: %d of %d notifications could not be sent and will be retried",
+						failed, count),
+				 errdetail("Last error: %s", result.response)));
+	return count == limit;
+}
+
+/*
+ * How many notifications to claim at once: eventshop.dispatcher_batch_size,
+ * but no more than can time out within half the lease, so that a slow SMTP
+ * server neither outlasts the lease nor keeps Kafka unpolled for long.
+ */
+static int
+dispatcher_claim_limit(void)
+{
+	int			by_time = (DISPATCHER_LEASE_SECONDS * 1000 / 2) / es_smtp_timeout_ms;
+
+	return Max(1, Min(es_dispatcher_batch_size, by_time));
+}
+
+/* Leases up to limit due notifications, copied into loop_context; returns how many. */
+static int
+dispatcher_claim(int limit, DispatcherNotification **batch)
+{
+	Datum		values[2] = {Int32GetDatum(limit), Int32GetDatum(DISPATCHER_LEASE_SECONDS)};
+	int			count;
+
+	es_worker_begin("eventshop dispatcher: claiming notifications");
+	dispatcher_run(&claim_query, values, NULL);
+	count = (int) SPI_processed;
+	*batch = MemoryContextAllocZero(loop_context, sizeof(DispatcherNotification) * Max(count, 1));
+	for (int i = 0; i < count; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		DispatcherNotification *notification = &(*batch)[i];
+
+		notification->message.id = dispatcher_copy_utf8(tuple, desc, 1);
+		notification->channel = dispatcher_copy_utf8(tuple, desc, 2);
+		notification->message.recipient = dispatcher_copy_utf8(tuple, desc, 3);
+		notification->message.subject = dispatcher_copy_utf8(tuple, desc, 4);
+		notification->message.body = dispatcher_copy_utf8(tuple, desc, 5);
+	}
+	es_worker_commit();
+	return count;
+}
+
+/* Copies a column into loop_context as UTF-8 (conversion needs the open transaction). */
+static char *
+dispatcher_copy_utf8(HeapTuple tuple, TupleDesc desc, int attnum)
+{
+	char	   *value = SPI_getvalue(tuple, desc, attnum);
+
+	if (value == NULL)
+		return MemoryContextStrdup(loop_context, "");
+	return MemoryContextStrdup(loop_context, pg_server_to_any(value, strlen(value), PG_UTF8));
+}
+
+/* Makes one delivery attempt on the notification's channel. */
+static void
+dispatcher_deliver(const DispatcherNotification *notification, EsSmtpResult *result)
+{
+	if (strcmp(notification->channel, "email") != 0)
+	{
+		memset(result, 0, sizeof(*result));
+		result->permanent = true;
+		snprintf(result->response, sizeof(result->response), "unsupported channel");
+		return;
+	}
+	/* the last commit left us in TopMemoryContext */
+	MemoryContextSwitchTo(loop_context);
+	pgstat_report_activity(STATE_RUNNING, "eventshop dispatcher: sending e-mail");
+	es_smtp_send(&notification->message, result);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Records an attempt in its own transaction; returns the new status (sent, pending, dead). */
+static char *
+dispatcher_record(const DispatcherNotification *notification, const EsSmtpResult *result)
+{
+	Datum		values[5];
+	Datum		status;
+	bool		isnull;
+	char	   *status_text;
+
+	es_worker_begin("eventshop dispatcher: recording a delivery attempt");
+	values[0] = CStringGetTextDatum(notification->message.id);
+	values[1] = BoolGetDatum(result->ok);
+	values[2] = BoolGetDatum(result->permanent);
+	values[3] = CStringGetTextDatum(result->response);
+	values[4] = Int32GetDatum(es_notification_max_attempts);
+	dispatcher_run(&record_query, values, NULL);
+	status = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	status_text = MemoryContextStrdup(loop_context, isnull ? "" : TextDatumGetCString(status));
+	es_worker_commit();
+	return status_text;
+}
+
+/*
+ * Milliseconds until the next notification is due, between
+ * DISPATCHER_MIN_TIMEOUT_MS and DISPATCHER_IDLE_TIMEOUT_MS. Only called when
+ * the last claim was not full, so "due now" means due but not claimable
+ * (locked elsewhere), and the floor keeps that from becoming a busy loop.
+ */
+static long
+dispatcher_idle_timeout(void)
+{
+	double		timeout_ms = DISPATCHER_IDLE_TIMEOUT_MS;
+	Datum		seconds = (Datum) 0;
+	bool		isnull = true;
+
+	es_worker_begin("eventshop dispatcher: scheduling");
+	dispatcher_run(&next_due_query, NULL, NULL);
+	if (SPI_processed == 1)
+		seconds = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull)
+		timeout_ms = Min(timeout_ms, ceil(DatumGetFloat8(seconds) * 1000.0));
+	es_worker_commit();
+	return (long) Max(timeout_ms, DISPATCHER_MIN_TIMEOUT_MS);
+}
