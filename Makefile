@@ -12,28 +12,37 @@ OBJS = \
 	src/shared_state.o \
 	src/outbox_wakeup.o \
 	src/password_hash.o \
+	src/login_throttle.o \
+	src/auth_context.o \
 	src/kafka_client.o \
+	src/crypto_util.o \
+	src/key_store.o \
+	src/jwt.o \
+	src/sealed_box.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/dispatcher.o \
 	bgworkers/smtp_sender.o
 
-DATA = $(wildcard extension/eventshop--*.sql)
+DATA = $(wildcard extension/eventshop--*.sql) extension/eventshop_common_passwords.txt
 PGFILEDESC = "eventshop - event-driven shop backend"
 
 PKG_LIBS    = rdkafka libcurl openssl libjwt
 # Server headers as system headers, so -Wextra judges our code, not theirs.
 PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -I$(srcdir)/src -I$(srcdir)/bgworkers $(shell pkg-config --cflags $(PKG_LIBS))
-SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS)) -largon2
+SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS)) -largon2 -lcrypt
 
 # pg_regress brings its own preloaded instance, so `make installcheck` needs
 # no running server; TAP tests start their own clusters.
 REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
-REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./sql/regress.conf --encoding=UTF8
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./tmp_regress.conf --encoding=UTF8
+# The instance needs key files: regress-keys writes them and tmp_regress.conf
+# (sql/regress.conf plus the key settings) before every run.
+REGRESS_PREP = regress-keys
 TAP_TESTS    = 1
 
 DEVBROKER = devbroker/eventshop-devbroker
-EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress
+EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress tmp_keys tmp_regress.conf
 
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -54,3 +63,18 @@ demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+
+# Throwaway keys for `make installcheck`: a master key file, an X25519 pair
+# for sealed boxes (private key as raw hex in a file, public key as raw
+# base64url in the setting), and the server settings that point at them.
+.PHONY: regress-keys
+regress-keys:
+	rm -rf tmp_keys && mkdir -m 700 tmp_keys
+	umask 077 && openssl rand -hex 32 > tmp_keys/master.key
+	umask 077 && openssl genpkey -algorithm X25519 -out tmp_keys/seal.pem
+	umask 077 && openssl pkey -in tmp_keys/seal.pem -outform DER | tail -c 32 | od -An -v -tx1 | tr -d ' \n' > tmp_keys/seal_private.key
+	openssl pkey -in tmp_keys/seal.pem -pubout -outform DER | tail -c 32 | openssl base64 -A | tr '+/' '-_' | tr -d '=' > tmp_keys/seal_public.b64url
+	{ cat sql/regress.conf; \
+	  echo "eventshop.key_file = '$(CURDIR)/tmp_keys/master.key'"; \
+	  echo "eventshop.seal_private_key_file = '$(CURDIR)/tmp_keys/seal_private.key'"; \
+	  echo "eventshop.seal_public_key = '$$(cat tmp_keys/seal_public.b64url)'"; } > tmp_regress.conf

@@ -3,9 +3,9 @@
 # commands as an unprivileged user (PostgreSQL refuses to run as root).
 
 ES_PACKAGES="build-essential pkg-config postgresql-15 postgresql-server-dev-15
-  postgresql-contrib librdkafka-dev libjwt-dev libcurl4-openssl-dev libargon2-dev
+  postgresql-contrib librdkafka-dev libjwt-dev libcurl4-openssl-dev libargon2-dev libcrypt-dev
   libssl-dev postgresql-15-pgtap postgresql-15-cron python3-aiosmtpd
-  libipc-run-perl kcat"
+  libipc-run-perl kcat python3-jwt python3-cryptography"
 
 # Runs a command as root: directly when we are root, otherwise through sudo.
 es_as_root() {
@@ -47,9 +47,14 @@ es_copy_tree_for_run_user() {
 	echo "$dest"
 }
 
-# Runs a command as the run user.
+# Runs a command as the run user. setpriv execs the command in place (no
+# intermediate process), so "$!" of a background call is the program itself.
 es_as_run_user() {
-	if [ "$(id -u)" = 0 ]; then runuser -u "$(es_run_user)" -- "$@"; else "$@"; fi
+	if [ "$(id -u)" = 0 ]; then
+		setpriv --reuid="$(es_run_user)" --regid="$(es_run_user)" --init-groups -- "$@"
+	else
+		"$@"
+	fi
 }
 
 # Prints a TCP port that is free on 127.0.0.1 right now.

@@ -25,9 +25,10 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> starting the dev Kafka broker"
-es_as_run_user eventshop-devbroker --bootstrap-file "$work/bootstrap" >/dev/null 2>"$work/devbroker.log" &
+es_as_run_user "$PGBIN/eventshop-devbroker" --bootstrap-file "$work/bootstrap" >/dev/null 2>"$work/devbroker.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/bootstrap" ] && break; sleep 0.1; done
+[ -s "$work/bootstrap" ] || { echo "the dev broker did not start:"; cat "$work/devbroker.log"; exit 1; }
 bootstrap=$(cat "$work/bootstrap")
 echo "    bootstrap servers: $bootstrap"
 

@@ -65,7 +65,25 @@ SELECT is((SELECT pg_get_function_result(oid)
           'uuid', 'eventshop.register returns uuid');
 SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                 WHERE p.pronamespace = 'eventshop'::regnamespace AND p.prosecdef$$,
-              ARRAY['eventshop.register(text,text,text)'],
+              ARRAY['eventshop.register(text,text,text)',
+                    'eventshop.create_signing_key(text)', 'eventshop.rotate_signing_keys(text)',
+                    'eventshop.revoke_signing_key(text)', 'eventshop.jwks()',
+                    'eventshop.login(text,text,text,text)',
+                    'eventshop.refresh(text)',
+                    'eventshop.authenticate(text)',
+                    'eventshop.logout(text)',
+                    'eventshop.list_sessions()',
+                    'eventshop.revoke_session(uuid)',
+                    'eventshop.change_password(text,text)',
+                    'eventshop.request_password_reset(text)',
+                    'eventshop.reset_password(text,text)',
+                    'eventshop.request_email_verification()',
+                    'eventshop.verify_email(text)',
+                    'eventshop.block_user(uuid,text)',
+                    'eventshop.unblock_user(uuid)',
+                    'eventshop.set_user_roles(uuid,text[])',
+                    'eventshop.flush_security_events()',
+                    'eventshop.purge_expired_auth_data()'],
               'the API functions, and only they, are SECURITY DEFINER');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace

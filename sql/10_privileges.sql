@@ -22,7 +22,24 @@ SELECT is_member_of('eventshop_admin', 'regress_admin', 'regress_admin is an eve
 SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                 WHERE p.pronamespace = 'eventshop'::regnamespace
                   AND has_function_privilege('eventshop_app', p.oid, 'EXECUTE')$$,
-              ARRAY['eventshop.register(text,text,text)'],
+              ARRAY['eventshop.register(text,text,text)', 'eventshop.jwks()',
+                    'eventshop.login(text,text,text,text)',
+                    'eventshop.refresh(text)',
+                    'eventshop.authenticate(text)',
+                    'eventshop.logout(text)',
+                    'eventshop.list_sessions()',
+                    'eventshop.revoke_session(uuid)',
+                    'eventshop.change_password(text,text)',
+                    'eventshop.request_password_reset(text)',
+                    'eventshop.reset_password(text,text)',
+                    'eventshop.request_email_verification()',
+                    'eventshop.verify_email(text)',
+                    'eventshop.block_user(uuid,text)',
+                    'eventshop.unblock_user(uuid)',
+                    'eventshop.set_user_roles(uuid,text[])',
+                    'eventshop.current_user_id()',
+                    'eventshop.current_roles()',
+                    'eventshop.current_session_id()'],
               'eventshop_app may execute the API functions and nothing else in the schema');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace

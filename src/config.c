@@ -32,8 +32,42 @@ char	   *es_smtp_password_file = NULL;
 int			es_smtp_timeout_ms = 10000;
 int			es_notification_max_attempts = 8;
 
+/* Accounts: password hashing, login throttling, one-time tokens. */
+int			es_password_hash_memory_kib = 19456;
+int			es_password_hash_iterations = 2;
+int			es_max_concurrent_password_hashes = 4;
+int			es_login_max_failures = 5;
+int			es_login_max_failures_per_source = 50;
+int			es_login_failure_window_s = 900;
+int			es_login_lockout_s = 60;
+int			es_login_lockout_max_s = 3600;
+int			es_login_throttle_entries = 10000;
+int			es_password_reset_ttl_s = 1800;
+int			es_email_verification_ttl_s = 86400;
+
+char	   *es_key_file = NULL;
+char	   *es_seal_public_key = NULL;
+char	   *es_seal_private_key_file = NULL;
+char	   *es_jwt_issuer = NULL;
+char	   *es_jwt_audience = NULL;
+int			es_access_token_ttl_s = 900;
+int			es_refresh_token_ttl_s = 30 * 86400;
+int			es_jwt_default_alg = ES_JWT_RS256;
+int			es_refresh_reuse_grace_ms = 10000;
+
+/* Names as they appear in JWT headers, JWKs and signing_keys.alg. */
+static const struct config_enum_entry es_jwt_alg_options[] = {
+	{"RS256", ES_JWT_RS256, false},
+	{"ES256", ES_JWT_ES256, false},
+	{"EdDSA", ES_JWT_EDDSA, false},
+	{NULL, 0, false}
+};
+
 static bool check_smtp_url(char **newval, void **extra, GucSource source);
 static bool check_kafka_properties(char **newval, void **extra, GucSource source);
+static void es_define_account_settings(void);
+static bool check_seal_public_key(char **newval, void **extra, GucSource source);
+static void es_define_auth_settings(void);
 
 /* Registers all settings, then reserves the eventshop. prefix. */
 void
@@ -113,7 +147,125 @@ es_define_settings(void)
 							NULL, &es_notification_max_attempts, 8, 1, 100,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
+	es_define_auth_settings();
+
+	es_define_account_settings();
+
 	MarkGUCPrefixReserved("eventshop");
+}
+
+/* Settings of the accounts module (password hashing, login throttling, one-time tokens). */
+static void
+es_define_account_settings(void)
+{
+	DefineCustomIntVariable("eventshop.password_hash_memory",
+							"Memory cost of new argon2id password hashes.",
+							"Stored hashes with less memory are rehashed at the next successful login. "
+							"OWASP's minimum is 19 MiB; every concurrent hash uses this much memory.",
+							&es_password_hash_memory_kib, 19456, 19456, 1048576,
+							PGC_SUSET, GUC_UNIT_KB, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.password_hash_iterations",
+							"Time cost (passes over memory) of new argon2id password hashes.",
+							"Stored hashes with fewer passes are rehashed at the next successful login.",
+							&es_password_hash_iterations, 2, 2, 64,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.max_concurrent_password_hashes",
+							"Maximum number of password hashes computed at the same time in the whole server.",
+							"Further logins wait (interruptibly) for a free slot, so that a login flood "
+							"cannot exhaust memory or starve other work of CPU.",
+							&es_max_concurrent_password_hashes, 4, 1, 1024,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_max_failures",
+							"Failed logins for one e-mail address after which it is locked out.",
+							NULL, &es_login_max_failures, 5, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_max_failures_per_source",
+							"Failed logins from one source (client address) after which it is locked out.",
+							NULL, &es_login_max_failures_per_source, 50, 1, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_failure_window",
+							"Time after which failed logins are forgotten when no new one occurred.",
+							NULL, &es_login_failure_window_s, 900, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_lockout",
+							"Duration of the first lockout; each further lockout doubles it.",
+							NULL, &es_login_lockout_s, 60, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_lockout_max",
+							"Upper limit of the doubling lockout duration.",
+							NULL, &es_login_lockout_max_s, 3600, 1, 604800,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_throttle_entries",
+							"Number of e-mail addresses and sources whose failed logins are tracked in shared memory.",
+							"When the table is full the entry idle longest is forgotten, locked ones last.",
+							&es_login_throttle_entries, 10000, 100, 10000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.password_reset_ttl",
+							"Lifetime of a password-reset token.",
+							NULL, &es_password_reset_ttl_s, 1800, 60, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.email_verification_ttl",
+							"Lifetime of an e-mail verification token.",
+							NULL, &es_email_verification_ttl_s, 86400, 300, 2592000,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+}
+
+
+/* Registers the key-file, sealing and JWT settings of the auth module. */
+static void
+es_define_auth_settings(void)
+{
+	DefineCustomStringVariable("eventshop.key_file",
+							   "File holding the 32-byte master secret as 64 hexadecimal characters.",
+							   "The key that encrypts signing keys at rest and the PII hashing key are derived "
+							   "from it with HKDF-SHA256. Create it with \"openssl rand -hex 32 > file\", mode 0600.",
+							   &es_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.seal_public_key",
+							   "X25519 public key (32 bytes, base64url) that secrets for the notifier are sealed to.",
+							   NULL, &es_seal_public_key, "",
+							   PGC_SIGHUP, 0, check_seal_public_key, NULL, NULL);
+	DefineCustomStringVariable("eventshop.seal_private_key_file",
+							   "File holding the X25519 private key (32 bytes as 64 hexadecimal characters) that opens sealed secrets.",
+							   "Only the dispatcher needs it.",
+							   &es_seal_private_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.jwt_issuer",
+							   "Issuer (iss claim) of the access tokens.",
+							   NULL, &es_jwt_issuer, "eventshop",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.jwt_audience",
+							   "Audience (aud claim) of the access tokens.",
+							   NULL, &es_jwt_audience, "eventshop",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.access_token_ttl",
+							"Lifetime of an access token; retired signing keys stay published this long.",
+							NULL, &es_access_token_ttl_s, 900, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.refresh_token_ttl",
+							"Lifetime of a refresh token.",
+							NULL, &es_refresh_token_ttl_s, 30 * 86400, 60, 365 * 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomEnumVariable("eventshop.jwt_default_alg",
+							 "Signing algorithm used when none is named (RS256, ES256 or EdDSA).",
+							 NULL, &es_jwt_default_alg, ES_JWT_RS256, es_jwt_alg_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.refresh_reuse_grace",
+							"How long the immediately previous refresh token may be presented again without revoking the session.",
+							NULL, &es_refresh_reuse_grace_ms, 10000, 0, 60000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+}
+
+/* Returns the JOSE name of an EsJwtAlg value. */
+const char *
+es_jwt_alg_name(int alg)
+{
+	const struct config_enum_entry *e;
+
+	for (e = es_jwt_alg_options; e->name; e++)
+		if (e->val == alg)
+			return e->name;
+	return "RS256";
 }
 
 /* Accepts only SMTP URLs, so a typo fails at reload instead of at send time. */
@@ -156,6 +308,31 @@ check_kafka_properties(char **newval, void **extra, GucSource source)
 		p += len;
 		if (*p == ';')
 			p++;
+	}
+	return true;
+}
+
+/* Accepts an empty value or the base64url form of exactly 32 bytes, so a bad key fails at reload. */
+static bool
+check_seal_public_key(char **newval, void **extra, GucSource source)
+{
+	const char *p = *newval;
+	size_t		len;
+	size_t		i;
+
+	(void) extra;
+	(void) source;
+	if (p == NULL || *p == '\0')
+		return true;
+	len = strlen(p);
+	for (i = 0; i < len; i++)
+		if (!((p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z') ||
+			  (p[i] >= '0' && p[i] <= '9') || p[i] == '-' || p[i] == '_'))
+			break;
+	if (len != 43 || i != len)
+	{
+		GUC_check_errdetail("eventshop.seal_public_key must be a raw 32-byte X25519 public key in base64url without padding (43 characters).");
+		return false;
 	}
 	return true;
 }

@@ -32,6 +32,39 @@ extern char *es_smtp_password_file;
 extern int	es_smtp_timeout_ms;
 extern int	es_notification_max_attempts;
 
+/* Keys and JWT (auth module). */
+typedef enum EsJwtAlg
+{
+	ES_JWT_RS256,
+	ES_JWT_ES256,
+	ES_JWT_EDDSA
+} EsJwtAlg;
+
+extern char *es_key_file;
+extern char *es_seal_public_key;
+extern char *es_seal_private_key_file;
+extern char *es_jwt_issuer;
+extern char *es_jwt_audience;
+extern int	es_access_token_ttl_s;
+extern int	es_refresh_token_ttl_s;
+extern int	es_jwt_default_alg;
+extern int	es_refresh_reuse_grace_ms;
+
+extern const char *es_jwt_alg_name(int alg);
+
+/* Accounts: password hashing, login throttling, one-time tokens. */
+extern int	es_password_hash_memory_kib;
+extern int	es_password_hash_iterations;
+extern int	es_max_concurrent_password_hashes;
+extern int	es_login_max_failures;
+extern int	es_login_max_failures_per_source;
+extern int	es_login_failure_window_s;
+extern int	es_login_lockout_s;
+extern int	es_login_lockout_max_s;
+extern int	es_login_throttle_entries;
+extern int	es_password_reset_ttl_s;
+extern int	es_email_verification_ttl_s;
+
 extern void es_define_settings(void);
 
 #endif							/* EVENTSHOP_CONFIG_H */

@@ -13,6 +13,8 @@
 #include "storage/shmem.h"
 #include "storage/spin.h"
 
+#include "login_throttle.h"
+#include "password_hash.h"
 #include "shared_state.h"
 
 typedef struct EsSharedState
@@ -46,6 +48,8 @@ es_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(EsSharedState)));
+	RequestAddinShmemSpace(es_password_hash_shmem_size());
+	es_login_throttle_shmem_request();
 }
 
 /* Creates or attaches to the shared state. */
@@ -65,6 +69,8 @@ es_shmem_startup(void)
 		for (int i = 0; i < ES_WORKER_COUNT; i++)
 			es_state->worker_latch[i] = NULL;
 	}
+	es_password_hash_shmem_startup();
+	es_login_throttle_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# jwt_bench.sh: JWT issuance and verification per second through SQL, for
+# RS256, ES256 and EdDSA, beside `openssl speed` for the same algorithms in
+# the same run. Starts a throwaway cluster (as user postgres when run as
+# root), runs pgbench -c 2 -j 2 -T 10 -n -M prepared per case, prints a
+# table, and stops the cluster. Uses the installed extension (make install).
+#
+#   bash bench/jwt_bench.sh            # all cases, 10 s each
+#   DURATION=5 bash bench/jwt_bench.sh
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+if [ "$(id -u)" = 0 ]; then
+	copy=$(mktemp -d /tmp/eventshop-bench-scripts.XXXXXX)
+	cp "$here"/jwt_bench.sh "$here"/jwt_*.sql "$copy"/
+	chown -R postgres "$copy"
+	status=0
+	runuser -u postgres -- env DURATION="${DURATION:-10}" bash "$copy/jwt_bench.sh" "$@" || status=$?
+	rm -rf "$copy"
+	exit "$status"
+fi
+
+DURATION=${DURATION:-10}
+CLIENTS=2
+bindir=$(pg_config --bindir)
+work=$(mktemp -d /tmp/eventshop-bench.XXXXXX)
+port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export PGHOST=$work PGPORT=$port PGDATABASE=postgres
+
+cleanup() {
+	"$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "==> cluster in $work (port $port)"
+"$bindir/initdb" -D "$work/data" -A trust >/dev/null
+(umask 077 && openssl rand -hex 32 > "$work/master.key")
+cat >> "$work/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'eventshop'
+eventshop.relay_enabled = off
+eventshop.dispatcher_enabled = off
+eventshop.key_file = '$work/master.key'
+listen_addresses = ''
+unix_socket_directories = '$work'
+port = $port
+shared_buffers = 128MB
+CONF
+"$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
+psql -X -q -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION eventshop' \
+	-c "SELECT eventshop.rotate_signing_keys(a) FROM unnest(ARRAY['RS256', 'ES256', 'EdDSA']) a" >/dev/null
+
+declare -A sql_rate ossl_rate
+claims="jsonb_build_object('iss', 'eventshop', 'aud', 'eventshop', 'sub', 'user-1', 'iat', 1700000000, 'nbf', 1700000000, 'exp', 4102444800, 'jti', 'j1', 'sid', 's1', 'typ', 'access', 'roles', jsonb_build_array('customer'))"
+
+# Runs pgbench with one script; prints tps.
+run_pgbench() {
+	local tps
+	pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" "$@" >"$work/pgbench.log" 2>&1 || true
+	tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$work/pgbench.log")
+	if [ -z "$tps" ]; then
+		cat "$work/pgbench.log" >&2
+		return 1
+	fi
+	echo "$tps"
+}
+
+# openssl's sign and verify rates for one algorithm ("RS256" ...), added to
+# the named array: `openssl speed -seconds 5 -multi 2 <rsa2048|ecdsap256|ed25519>`.
+openssl_baseline() {
+	local alg=$1
+	local -n into=$2
+	local name pattern speed
+	case $alg in
+		RS256) name=rsa2048 pattern='^rsa 2048 bits' ;;
+		ES256) name=ecdsap256 pattern='ecdsa \(nistp256\)' ;;
+		EdDSA) name=ed25519 pattern='EdDSA \(Ed25519\)' ;;
+	esac
+	echo "==> openssl speed -seconds 5 -multi $CLIENTS $name"
+	speed=$(openssl speed -seconds 5 -multi "$CLIENTS" "$name" 2>/dev/null)
+	read -r into[$alg-sign] into[$alg-verify] <<<"$(echo "$speed" | awk "/$pattern/ {print \$(NF-1), \$NF}")"
+}
+
+# The machine may be shared, so each algorithm's openssl baseline is taken
+# right before and right after its SQL runs, and the two are averaged (both
+# are printed: far apart means a busy machine, so rerun).
+declare -A ossl_before ossl_after
+for alg in RS256 ES256 EdDSA; do
+	lower=$(echo "$alg" | tr 'A-Z' 'a-z')
+	openssl_baseline "$alg" ossl_before
+	echo "==> $alg issuance"
+	sql_rate[$alg-sign]=$(run_pgbench -f "$here/jwt_sign_$lower.sql")
+	token=$(psql -X -Atq -c "SELECT eventshop._jwt_sign($claims, '$alg')")
+	psql -X -Atq -v ON_ERROR_STOP=1 -c "SELECT eventshop._jwt_verify('$token')->>'sub'" >/dev/null
+	echo "==> $alg verification"
+	sql_rate[$alg-verify]=$(run_pgbench -f "$here/jwt_verify.sql" -D token="$token")
+	openssl_baseline "$alg" ossl_after
+done
+for key in "${!ossl_before[@]}"; do
+	ossl_rate[$key]=$(awk -v a="${ossl_before[$key]}" -v b="${ossl_after[$key]}" 'BEGIN {print (a + b) / 2}')
+done
+
+# In-backend cost per call, without the client round trip: one statement
+# signing or verifying many times on one core.
+echo "==> per-call cost inside one backend"
+declare -A backend_us
+for alg in RS256 ES256 EdDSA; do
+	n=$([ "$alg" = RS256 ] && echo 1000 || echo 10000)
+	backend_us[$alg-sign]=$(psql -X -Atq -c "SELECT round(extract(epoch FROM clock_timestamp() - t0) * 1e6 / $n, 1) FROM (SELECT clock_timestamp() t0) s, LATERAL (SELECT count(eventshop._jwt_sign($claims, '$alg')) FROM generate_series(1, $n)) c")
+	backend_us[$alg-verify]=$(psql -X -Atq -c "SELECT round(extract(epoch FROM clock_timestamp() - t0) * 1e6 / 10000, 1) FROM (SELECT clock_timestamp() t0, eventshop._jwt_sign($claims, '$alg') tok) s, LATERAL (SELECT count(eventshop._jwt_verify(s.tok)) FROM generate_series(1, 10000)) c")
+done
+
+echo
+echo "JWT through SQL (pgbench -M prepared -c $CLIENTS -j $CLIENTS -T $DURATION) vs openssl speed -multi $CLIENTS, $(nproc) CPUs"
+printf '%-22s %10s %14s %7s %12s   %s\n' case 'SQL /s' 'openssl /s' ratio 'backend us' target
+for alg in RS256 ES256 EdDSA; do
+	for op in sign verify; do
+		key=$alg-$op
+		case $key in
+			RS256-sign) target='ratio >= 0.90' ;;
+			EdDSA-sign) target='SQL >= 10000/s' ;;
+			RS256-verify) target='SQL >= 15000/s' ;;
+			*) target='' ;;
+		esac
+		label="$alg $([ $op = sign ] && echo issuance || echo verification)"
+		printf '%-22s %10.0f %14.0f %7.2f %12s   %s\n' "$label" "${sql_rate[$key]}" "${ossl_rate[$key]}" \
+			"$(awk -v a="${sql_rate[$key]}" -v b="${ossl_rate[$key]}" 'BEGIN {print (b > 0 ? a / b : 0)}')" "${backend_us[$key]}" \
+			"$target (openssl before/after: ${ossl_before[$key]%.*}/${ossl_after[$key]%.*})"
+	done
+done
+echo "openssl /s is the total of $CLIENTS processes, so ratio = SQL rate / openssl rate for the same $CLIENTS cores."
+echo "backend us: microseconds per call inside one backend (one statement calling it in a loop, one core)."

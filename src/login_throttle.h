@@ -1,0 +1,12 @@
+/*
+ * login_throttle.h
+ *		Failed-login counters and the security events about them, kept in
+ *		shared memory so that rolling back a transaction cannot erase them.
+ */
+#ifndef EVENTSHOP_LOGIN_THROTTLE_H
+#define EVENTSHOP_LOGIN_THROTTLE_H
+
+extern void es_login_throttle_shmem_request(void);
+extern void es_login_throttle_shmem_startup(void);
+
+#endif							/* EVENTSHOP_LOGIN_THROTTLE_H */
