@@ -69,12 +69,5 @@ test:
 # base64url in the setting), and the server settings that point at them.
 .PHONY: regress-keys
 regress-keys:
-	rm -rf tmp_keys && mkdir -m 700 tmp_keys
-	umask 077 && openssl rand -hex 32 > tmp_keys/master.key
-	umask 077 && openssl genpkey -algorithm X25519 -out tmp_keys/seal.pem
-	umask 077 && openssl pkey -in tmp_keys/seal.pem -outform DER | tail -c 32 | od -An -v -tx1 | tr -d ' \n' > tmp_keys/seal_private.key
-	openssl pkey -in tmp_keys/seal.pem -pubout -outform DER | tail -c 32 | openssl base64 -A | tr '+/' '-_' | tr -d '=' > tmp_keys/seal_public.b64url
-	{ cat sql/regress.conf; \
-	  echo "eventshop.key_file = '$(CURDIR)/tmp_keys/master.key'"; \
-	  echo "eventshop.seal_private_key_file = '$(CURDIR)/tmp_keys/seal_private.key'"; \
-	  echo "eventshop.seal_public_key = '$$(cat tmp_keys/seal_public.b64url)'"; } > tmp_regress.conf
+	rm -rf tmp_keys
+	{ cat sql/regress.conf; bash scripts/make_keys.sh '$(CURDIR)/tmp_keys'; } > tmp_regress.conf

@@ -31,6 +31,7 @@
 
 #include "config.h"
 #include "kafka_client.h"
+#include "login_throttle.h"
 #include "worker_runtime.h"
 
 PGDLLEXPORT void eventshop_relay_main(Datum main_arg);
@@ -66,6 +67,7 @@ static MemoryContext batch_context = NULL;
 
 static void relay_open_producer(void);
 static void relay_close_producer(int code, Datum arg);
+static void relay_flush_deferred_events(void);
 static int	relay_read_batch(RelayBatch *batch);
 static void relay_produce_batch(RelayBatch *batch);
 static bool relay_await_acknowledgements(RelayBatch *batch);
@@ -105,6 +107,7 @@ eventshop_relay_main(Datum main_arg)
 			relay_open_producer();
 
 		MemoryContextReset(batch_context);
+		relay_flush_deferred_events();
 		if (relay_read_batch(&batch) > 0)
 		{
 			relay_produce_batch(&batch);
@@ -151,6 +154,22 @@ relay_close_producer(int code, Datum arg)
 	(void) arg;
 	es_kafka_close(relay_kafka);
 	relay_kafka = NULL;
+}
+
+/*
+ * Moves security events queued by failed logins (whose own transactions
+ * rolled back) into the outbox, so they are published without waiting for
+ * the next successful login.
+ */
+static void
+relay_flush_deferred_events(void)
+{
+	if (!es_deferred_events_pending())
+		return;
+	es_worker_begin("eventshop relay: flushing security events");
+	if (SPI_execute("SELECT eventshop.flush_security_events()", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "eventshop relay: flushing security events failed");
+	es_worker_commit();
 }
 
 /* Reads up to eventshop.relay_batch_size rows, oldest first, into batch_context. */

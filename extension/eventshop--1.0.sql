@@ -1616,8 +1616,8 @@ COMMENT ON FUNCTION eventshop._jwt_sign(jsonb, text) IS 'Internal: a compact JWS
 CREATE FUNCTION eventshop._jwt_verify(token text)
 RETURNS jsonb
 AS 'MODULE_PATHNAME', 'eventshop_jwt_verify'
-LANGUAGE C STRICT STABLE;
-COMMENT ON FUNCTION eventshop._jwt_verify(text) IS 'Internal: the claims of a token after strict checks of size, encoding, header, key state, algorithm and signature; any failure raises 28000 "invalid token". Claims themselves are checked by the caller.';
+LANGUAGE C STABLE;
+COMMENT ON FUNCTION eventshop._jwt_verify(text) IS 'Internal: the claims of a token after strict checks of size, encoding, header, key state, algorithm and signature; any failure, NULL included, raises 28000 "invalid token". Claims themselves are checked by the caller.';
 
 CREATE FUNCTION eventshop._pii_hash(value text)
 RETURNS text

@@ -51,6 +51,8 @@ eventshop.kafka_brokers = '$bootstrap'
 eventshop.smtp_url = 'smtp://127.0.0.1:$smtp_port'
 eventshop.smtp_from = 'welcome@eventshop.test'
 CONF
+bash scripts/make_keys.sh "$work/keys" >>"$work/data/postgresql.conf"
+[ "$(id -u)" = 0 ] && chown -R "$(es_run_user)" "$work/keys"
 es_as_run_user "$PGBIN/pg_ctl" -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
 psql_do() { es_as_run_user "$PGBIN/psql" -h "$work" -p "$pg_port" -U postgres -d postgres -X -q -At "$@"; }
 
@@ -62,7 +64,7 @@ echo "    user id: $user_id"
 echo "==> waiting for the relay and the dispatcher"
 status=""
 for _ in $(seq 300); do
-	status=$(psql_do -c "SELECT status FROM eventshop.notifications n JOIN eventshop.users u ON u.id = n.user_id WHERE u.id = '$user_id'")
+	status=$(psql_do -c "SELECT n.status FROM eventshop.notifications n JOIN eventshop.users u ON u.id = n.user_id WHERE u.id = '$user_id'")
 	[ "$status" = sent ] || [ "$status" = dead ] && break
 	sleep 0.1
 done

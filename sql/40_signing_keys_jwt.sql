@@ -91,7 +91,7 @@ $$;
 
 SELECT pg_postmaster_start_time() AS started \gset
 
-SELECT plan(202);
+SELECT plan(203);
 
 -- ---------------------------------------------------------------------------
 -- Objects, settings and privileges
@@ -377,6 +377,7 @@ FROM (VALUES
 	(split_part(:'tok_rs', '.', 1) || '..' || :'s_rs', 'A token segment is empty.', 'empty payload'),
 	('..', 'A token segment is empty.', 'only dots'),
 	('', 'A token has exactly three segments.', 'empty string'),
+	(NULL, 'The token is missing.', 'NULL'),
 	(repeat('A', 16 * 1024 * 1024), 'The token is longer than 8192 bytes.', 'a 16 MB token'),
 	(repeat('A', 16 * 1024 * 1024) || '.' || repeat('A', 16) || '.' || repeat('A', 16),
 	 'The token is longer than 8192 bytes.', 'a 16 MB header segment'),

@@ -344,9 +344,9 @@ es_verify_signature(EsKey *key, const char *input, size_t inputlen,
 Datum
 eventshop_jwt_verify(PG_FUNCTION_ARGS)
 {
-	text	   *token = PG_GETARG_TEXT_PP(0);
-	const char *tok = VARDATA_ANY(token);
-	size_t		len = VARSIZE_ANY_EXHDR(token);
+	text	   *token;
+	const char *tok;
+	size_t		len;
 	const char *dot[2] = {NULL, NULL};
 	int			ndots = 0;
 	size_t		i;
@@ -369,7 +369,12 @@ eventshop_jwt_verify(PG_FUNCTION_ARGS)
 	EsKeyStatus status;
 	EsKey	   *key;
 
-	/* 1. size, charset, shape */
+	/* 1. presence (not STRICT: a NULL token must not become a NULL "success"), size, charset, shape */
+	if (PG_ARGISNULL(0))
+		es_invalid_token("The token is missing.");
+	token = PG_GETARG_TEXT_PP(0);
+	tok = VARDATA_ANY(token);
+	len = VARSIZE_ANY_EXHDR(token);
 	if (len > ES_JWT_MAX_LEN)
 		es_invalid_token("The token is longer than %d bytes.", ES_JWT_MAX_LEN);
 	for (i = 0; i < len; i++)

@@ -46,6 +46,7 @@
 
 #include "config.h"
 #include "login_throttle.h"
+#include "shared_state.h"
 
 #define ES_THROTTLE_TRANCHE			"eventshop_login_throttle"
 #define ES_THROTTLE_KEY_LEN			16
@@ -328,7 +329,18 @@ eventshop_defer_event(PG_FUNCTION_ARGS)
 	else
 		es_throttle->queue_dropped++;
 	LWLockRelease(es_throttle->queue_lock);
+
+	/* the caller's transaction fails: wake the relay now, not at commit */
+	if (queued)
+		es_wake_worker(ES_WORKER_RELAY);
 	PG_RETURN_BOOL(queued);
+}
+
+/* Whether any deferred event waits; the relay then flushes them to the outbox. */
+bool
+es_deferred_events_pending(void)
+{
+	return es_throttle != NULL && es_throttle->queue_count > 0;
 }
 
 /*

@@ -9,4 +9,7 @@
 extern void es_login_throttle_shmem_request(void);
 extern void es_login_throttle_shmem_startup(void);
 
+/* Whether failed-login events wait in shared memory (a hint: read without the lock). */
+extern bool es_deferred_events_pending(void);
+
 #endif							/* EVENTSHOP_LOGIN_THROTTLE_H */

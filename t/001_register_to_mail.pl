@@ -94,6 +94,12 @@ $node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM eventshop.outbox')
   or die 'restarted relay did not publish';
 ok((grep { $_->{key} eq $late_user } read_topic($broker, 'auth.events')), 'restarted relay publishes');
 
+# A failed login rolls back, yet its security event reaches Kafka at once.
+$node->psql('postgres', "SELECT * FROM eventshop.login('alice\@example.com', 'not the password')");
+wait_for(sub { grep { $_->{headers}{ce_type} eq 'user.login_failed' } read_topic($broker, 'auth.events') },
+	'user.login_failed is published without waiting for a successful login');
+pass('failed login event published');
+
 # Rejected calls do not log their statement text (which holds the password).
 # The test harness logs every statement; production servers do not.
 $node->safe_psql('postgres', "ALTER SYSTEM SET log_statement = 'none'; SELECT pg_reload_conf()");

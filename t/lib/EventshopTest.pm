@@ -19,7 +19,7 @@ use Test::More;
 use Time::HiRes qw(usleep);
 
 our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp
-  eventshop_node read_topic maildir_messages wait_for stop_all);
+  eventshop_node key_settings read_topic maildir_messages wait_for stop_all);
 
 my @harnesses;
 
@@ -71,7 +71,7 @@ sub eventshop_node
 	my ($name, $broker, $smtp, $extra_conf) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
 	$node->init;
-	$node->append_conf('postgresql.conf', <<"CONF" . ($extra_conf // ''));
+	$node->append_conf('postgresql.conf', key_settings() . <<"CONF" . ($extra_conf // ''));
 shared_preload_libraries = 'eventshop'
 eventshop.database = 'postgres'
 eventshop.kafka_brokers = '$broker->{bootstrap}'
@@ -81,6 +81,18 @@ CONF
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
 	return $node;
+}
+
+# Makes the master key file and the X25519 sealing pair the auth module needs
+# (register hashes the address with a key derived from eventshop.key_file)
+# with scripts/make_keys.sh; returns the postgresql.conf lines naming them.
+sub key_settings
+{
+	my $dir = PostgreSQL::Test::Utils::tempdir();
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ 'bash', "$ENV{TESTDIR}/scripts/make_keys.sh", "$dir/keys" ], '>', \$out, '2>', \$err)
+	  or die "make_keys.sh failed: $err";
+	return $out;
 }
 
 # Reads a whole topic with kcat (an independent Kafka client); returns a list
