@@ -47,14 +47,17 @@ es_copy_tree_for_run_user() {
 	echo "$dest"
 }
 
-# Runs a command as the run user. setpriv execs the command in place (no
-# intermediate process), so "$!" of a background call is the program itself.
+# The command prefix that runs a program as the run user. setpriv execs the
+# program in place, so "$!" after "${ES_RUN_AS[@]}" prog & is the program.
+if [ "$(id -u)" = 0 ]; then
+	ES_RUN_AS=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+else
+	ES_RUN_AS=()
+fi
+
+# Runs a command as the run user.
 es_as_run_user() {
-	if [ "$(id -u)" = 0 ]; then
-		setpriv --reuid="$(es_run_user)" --regid="$(es_run_user)" --init-groups -- "$@"
-	else
-		"$@"
-	fi
+	"${ES_RUN_AS[@]}" "$@"
 }
 
 # Prints a TCP port that is free on 127.0.0.1 right now.

@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> starting the dev Kafka broker"
-es_as_run_user "$PGBIN/eventshop-devbroker" --bootstrap-file "$work/bootstrap" >/dev/null 2>"$work/devbroker.log" &
+"${ES_RUN_AS[@]}" "$PGBIN/eventshop-devbroker" --bootstrap-file "$work/bootstrap" >/dev/null 2>"$work/devbroker.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/bootstrap" ] && break; sleep 0.1; done
 [ -s "$work/bootstrap" ] || { echo "the dev broker did not start:"; cat "$work/devbroker.log"; exit 1; }
@@ -34,7 +34,7 @@ echo "    bootstrap servers: $bootstrap"
 
 smtp_port=$(es_free_port)
 echo "==> starting a local SMTP server (aiosmtpd) on 127.0.0.1:$smtp_port"
-es_as_run_user /usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$smtp_port" \
+"${ES_RUN_AS[@]}" /usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$smtp_port" \
 	-c aiosmtpd.handlers.Mailbox "$work/maildir" 2>"$work/smtp.log" &
 pids+=($!)
 
