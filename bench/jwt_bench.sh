@@ -10,60 +10,17 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-if [ "$(id -u)" = 0 ]; then
-	copy=$(mktemp -d /tmp/eventshop-bench-scripts.XXXXXX)
-	cp "$here"/jwt_bench.sh "$here"/jwt_*.sql "$copy"/
-	chown -R postgres "$copy"
-	status=0
-	runuser -u postgres -- env DURATION="${DURATION:-10}" bash "$copy/jwt_bench.sh" "$@" || status=$?
-	rm -rf "$copy"
-	exit "$status"
-fi
+. "$here/lib.sh"
 
 DURATION=${DURATION:-10}
 CLIENTS=2
-bindir=$(pg_config --bindir)
-work=$(mktemp -d /tmp/eventshop-bench.XXXXXX)
-port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-export PGHOST=$work PGPORT=$port PGDATABASE=postgres
-
-cleanup() {
-	"$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-
-echo "==> cluster in $work (port $port)"
-"$bindir/initdb" -D "$work/data" -A trust >/dev/null
-(umask 077 && openssl rand -hex 32 > "$work/master.key")
-cat >> "$work/data/postgresql.conf" <<CONF
-shared_preload_libraries = 'eventshop'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
-eventshop.key_file = '$work/master.key'
-listen_addresses = ''
-unix_socket_directories = '$work'
-port = $port
-shared_buffers = 128MB
-CONF
-"$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
-psql -X -q -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION eventshop' \
-	-c "SELECT eventshop.rotate_signing_keys(a) FROM unnest(ARRAY['RS256', 'ES256', 'EdDSA']) a" >/dev/null
+bench_start_cluster "shared_buffers = 128MB"
+echo "==> cluster in $BENCH_WORK (port $PGPORT)"
+bench_psql -c "SELECT eventshop.rotate_signing_keys(a) FROM unnest(ARRAY['RS256', 'ES256', 'EdDSA']) a" >/dev/null
 
 declare -A sql_rate ossl_rate
 claims="jsonb_build_object('iss', 'eventshop', 'aud', 'eventshop', 'sub', 'user-1', 'iat', 1700000000, 'nbf', 1700000000, 'exp', 4102444800, 'jti', 'j1', 'sid', 's1', 'typ', 'access', 'roles', jsonb_build_array('customer'))"
 
-# Runs pgbench with one script; prints tps.
-run_pgbench() {
-	local tps
-	pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" "$@" >"$work/pgbench.log" 2>&1 || true
-	tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$work/pgbench.log")
-	if [ -z "$tps" ]; then
-		cat "$work/pgbench.log" >&2
-		return 1
-	fi
-	echo "$tps"
-}
 
 # openssl's sign and verify rates for one algorithm ("RS256" ...), added to
 # the named array: `openssl speed -seconds 5 -multi 2 <rsa2048|ecdsap256|ed25519>`.
@@ -89,11 +46,11 @@ for alg in RS256 ES256 EdDSA; do
 	lower=$(echo "$alg" | tr 'A-Z' 'a-z')
 	openssl_baseline "$alg" ossl_before
 	echo "==> $alg issuance"
-	sql_rate[$alg-sign]=$(run_pgbench -f "$here/jwt_sign_$lower.sql")
-	token=$(psql -X -Atq -c "SELECT eventshop._jwt_sign($claims, '$alg')")
-	psql -X -Atq -v ON_ERROR_STOP=1 -c "SELECT eventshop._jwt_verify('$token')->>'sub'" >/dev/null
+	sql_rate[$alg-sign]=$(bench_pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -f "$here/jwt_sign_$lower.sql")
+	token=$(bench_psql -c "SELECT eventshop._jwt_sign($claims, '$alg')")
+	bench_psql -c "SELECT eventshop._jwt_verify('$token')->>'sub'" >/dev/null
 	echo "==> $alg verification"
-	sql_rate[$alg-verify]=$(run_pgbench -f "$here/jwt_verify.sql" -D token="$token")
+	sql_rate[$alg-verify]=$(bench_pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -f "$here/jwt_verify.sql" -D token="$token")
 	openssl_baseline "$alg" ossl_after
 done
 for key in "${!ossl_before[@]}"; do
@@ -108,14 +65,14 @@ declare -A backend_us
 per_call_us() {
 	local n=$1 sql=$2 t0 t1
 	t0=$(date +%s%N)
-	psql -X -Atq -v ON_ERROR_STOP=1 -c "$sql" >/dev/null
+	bench_psql -c "$sql" >/dev/null
 	t1=$(date +%s%N)
 	awk -v d=$((t1 - t0)) -v n="$n" 'BEGIN {printf "%.1f", d / 1000 / n}'
 }
 for alg in RS256 ES256 EdDSA; do
 	n=$([ "$alg" = RS256 ] && echo 1000 || echo 10000)
 	backend_us[$alg-sign]=$(per_call_us "$n" "SELECT count(eventshop._jwt_sign($claims, '$alg')) FROM generate_series(1, $n)")
-	token=$(psql -X -Atq -c "SELECT eventshop._jwt_sign($claims, '$alg')")
+	token=$(bench_psql -c "SELECT eventshop._jwt_sign($claims, '$alg')")
 	backend_us[$alg-verify]=$(per_call_us 10000 "SELECT count(eventshop._jwt_verify(t.tok)) FROM (SELECT '$token'::text AS tok OFFSET 0) t, generate_series(1, 10000)")
 done
 

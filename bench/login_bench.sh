@@ -19,43 +19,15 @@
 set -euo pipefail
 SECONDS_RUN=${1:-10}
 CLIENTS=${2:-2}
-PGBIN=$(pg_config --bindir)
 
-work=$(mktemp -d /tmp/eventshop-login-bench.XXXXXX)
-as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$work"
-port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cleanup() {
-	as_owner "$PGBIN/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Keys and cluster.
-as_owner bash -c "umask 077 && mkdir $work/keys && openssl rand -hex 32 > $work/keys/master.key \
-	&& openssl genpkey -algorithm X25519 -out $work/keys/seal.pem \
-	&& openssl pkey -in $work/keys/seal.pem -outform DER | tail -c 32 | od -An -v -tx1 | tr -d ' \n' > $work/keys/seal_private.key"
-seal_public=$(as_owner bash -c "openssl pkey -in $work/keys/seal.pem -pubout -outform DER | tail -c 32 | openssl base64 -A | tr '+/' '-_' | tr -d '='")
-as_owner "$PGBIN/initdb" -D "$work/data" -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
-cat >> "$work/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$work'
-shared_preload_libraries = 'eventshop'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
-eventshop.key_file = '$work/keys/master.key'
-eventshop.seal_private_key_file = '$work/keys/seal_private.key'
-eventshop.seal_public_key = '$seal_public'
-synchronous_commit = ${SYNC_COMMIT:-on}
-CONF
-as_owner "$PGBIN/pg_ctl" -D "$work/data" -l "$work/log" -w start >/dev/null
-psql_() { as_owner "$PGBIN/psql" -h "$work" -p "$port" -d postgres -XAtq -v ON_ERROR_STOP=1 "$@"; }
-psql_ -c "CREATE EXTENSION eventshop" -c "SELECT eventshop.rotate_signing_keys()" >/dev/null
-psql_ -c "SELECT eventshop.register('bench@example.com', 'bench passphrase one')" >/dev/null
-mem_kib=$(psql_ -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.password_hash_memory'")
-iters=$(psql_ -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.password_hash_iterations'")
-cap=$(psql_ -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.max_concurrent_password_hashes'")
+. "$(dirname "$0")/lib.sh"
+bench_start_cluster "synchronous_commit = ${SYNC_COMMIT:-on}"
+work=$BENCH_WORK
+bench_psql -c "SELECT eventshop.rotate_signing_keys()" >/dev/null
+bench_psql -c "SELECT eventshop.register('bench@example.com', 'bench passphrase one')" >/dev/null
+mem_kib=$(bench_psql -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.password_hash_memory'")
+iters=$(bench_psql -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.password_hash_iterations'")
+cap=$(bench_psql -c "SELECT setting FROM pg_settings WHERE name = 'eventshop.max_concurrent_password_hashes'")
 
 # Bare argon2id, same parameters, same number of processes.
 cat > "$work/argon2_rate.c" <<'C'
@@ -101,19 +73,13 @@ hash_before=$("$work/argon2_rate" "$mem_kib" "$iters" "$CLIENTS" "$half")
 # Logins through SQL.
 echo "SELECT * FROM eventshop.login('bench@example.com', 'bench passphrase one');" > "$work/login.sql"
 [ "$(id -u)" = 0 ] && chown postgres "$work/login.sql"
-pgbench_out=$(as_owner "$PGBIN/pgbench" -h "$work" -p "$port" -n -M prepared -c "$CLIENTS" -j "$CLIENTS" \
-	-T "$SECONDS_RUN" -f "$work/login.sql" postgres 2>&1)
-login_rate=$(echo "$pgbench_out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p')
-failed=$(echo "$pgbench_out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
-if [ -z "$login_rate" ] || echo "$pgbench_out" | grep -q 'aborted'; then
-	echo "pgbench failed:" >&2; echo "$pgbench_out" >&2; exit 1
-fi
+login_rate=$(bench_pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_RUN" -f "$work/login.sql")
 
 hash_after=$("$work/argon2_rate" "$mem_kib" "$iters" "$CLIENTS" "$half")
 hash_rate=$(awk -v a="$hash_before" -v b="$hash_after" 'BEGIN { printf "%.2f", (a + b) / 2 }')
 
 echo "eventshop login benchmark ($(nproc) cores, $CLIENTS clients, ${SECONDS_RUN}s, argon2id m=${mem_kib} KiB t=${iters} p=1, hash cap ${cap}, synchronous_commit ${SYNC_COMMIT:-on})"
-printf '  login through SQL (pgbench -M prepared):  %8.2f logins/s  (failed: %s)\n' "$login_rate" "${failed:-0}"
+printf '  login through SQL (pgbench -M prepared):  %8.2f logins/s\n' "$login_rate"
 printf '  bare argon2id hashes (libargon2, %s procs): %8.2f hashes/s  (%.2f before, %.2f after)\n' "$CLIENTS" "$hash_rate" "$hash_before" "$hash_after"
 ratio=$(awk -v a="$login_rate" -v b="$hash_rate" 'BEGIN { printf "%.3f", a / b }')
 verdict=$(awk -v r="$ratio" 'BEGIN { print (r >= 0.9) ? "meets" : "BELOW" }')

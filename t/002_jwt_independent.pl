@@ -12,6 +12,9 @@ use strict;
 use warnings;
 
 use Encode qw(decode);
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use EventshopTest;
 use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
@@ -22,12 +25,8 @@ my $python = '/usr/bin/python3';
 
 # Keys, made with openssl as an operator would.
 my $keydir = PostgreSQL::Test::Utils::tempdir();
-system_or_bail("umask 077 && openssl rand -hex 32 > $keydir/master.key");
-system_or_bail("umask 077 && openssl genpkey -algorithm X25519 -out $keydir/seal.pem");
-system_or_bail("umask 077 && openssl pkey -in $keydir/seal.pem -outform DER | tail -c 32 "
-	  . "| od -An -v -tx1 | tr -d ' \\n' > $keydir/seal_private.key");
-my $seal_public = `openssl pkey -in $keydir/seal.pem -pubout -outform DER | tail -c 32 | openssl base64 -A | tr '+/' '-_' | tr -d '='`;
-chomp $seal_public;
+my $key_conf = key_settings($keydir);
+my ($seal_public) = $key_conf =~ /seal_public_key = '([^']+)'/;
 like($seal_public, qr/^[A-Za-z0-9_-]{43}$/, 'X25519 public key in base64url');
 
 my $node = PostgreSQL::Test::Cluster->new('jwt');
@@ -36,9 +35,7 @@ $node->append_conf('postgresql.conf', <<"CONF");
 shared_preload_libraries = 'eventshop'
 eventshop.relay_enabled = off
 eventshop.dispatcher_enabled = off
-eventshop.key_file = '$keydir/master.key'
-eventshop.seal_private_key_file = '$keydir/seal_private.key'
-eventshop.seal_public_key = '$seal_public'
+$key_conf
 CONF
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION eventshop');

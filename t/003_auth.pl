@@ -13,6 +13,9 @@
 use strict;
 use warnings;
 
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use EventshopTest;
 use IPC::Run;
 use List::Util qw(sum);
 use PostgreSQL::Test::Cluster;
@@ -22,12 +25,7 @@ use Time::HiRes qw(time usleep);
 
 # Keys, made with openssl as an operator would.
 my $keydir = PostgreSQL::Test::Utils::tempdir();
-system_or_bail("umask 077 && openssl rand -hex 32 > $keydir/master.key");
-system_or_bail("umask 077 && openssl genpkey -algorithm X25519 -out $keydir/seal.pem");
-system_or_bail("umask 077 && openssl pkey -in $keydir/seal.pem -outform DER | tail -c 32 "
-	  . "| od -An -v -tx1 | tr -d ' \\n' > $keydir/seal_private.key");
-my $seal_public = `openssl pkey -in $keydir/seal.pem -pubout -outform DER | tail -c 32 | openssl base64 -A | tr '+/' '-_' | tr -d '='`;
-chomp $seal_public;
+my $key_conf = key_settings($keydir);
 
 my $node = PostgreSQL::Test::Cluster->new('auth');
 $node->init;
@@ -35,9 +33,7 @@ $node->append_conf('postgresql.conf', <<"CONF");
 shared_preload_libraries = 'eventshop,pg_stat_statements'
 eventshop.relay_enabled = off
 eventshop.dispatcher_enabled = off
-eventshop.key_file = '$keydir/master.key'
-eventshop.seal_private_key_file = '$keydir/seal_private.key'
-eventshop.seal_public_key = '$seal_public'
+$key_conf
 eventshop.login_lockout = '1s'
 eventshop.login_lockout_max = '4s'
 pg_stat_statements.track = all

@@ -85,12 +85,14 @@ CONF
 
 # Makes the master key file and the X25519 sealing pair the auth module needs
 # (register hashes the address with a key derived from eventshop.key_file)
-# with scripts/make_keys.sh; returns the postgresql.conf lines naming them.
+# with scripts/make_keys.sh, in $dir (default: a fresh temporary directory);
+# returns the postgresql.conf lines naming them.
 sub key_settings
 {
-	my $dir = PostgreSQL::Test::Utils::tempdir();
+	my ($dir) = @_;
+	$dir //= PostgreSQL::Test::Utils::tempdir() . '/keys';
 	my ($out, $err) = ('', '');
-	IPC::Run::run([ 'bash', "$ENV{TESTDIR}/scripts/make_keys.sh", "$dir/keys" ], '>', \$out, '2>', \$err)
+	IPC::Run::run([ 'bash', "$ENV{TESTDIR}/scripts/make_keys.sh", $dir ], '>', \$out, '2>', \$err)
 	  or die "make_keys.sh failed: $err";
 	return $out;
 }
