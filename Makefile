@@ -29,8 +29,9 @@ PGFILEDESC = "eventshop - event-driven shop backend"
 
 PKG_LIBS    = rdkafka libcurl openssl libjwt
 # Server headers as system headers, so -Wextra judges our code, not theirs.
-PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -I$(srcdir)/src -I$(srcdir)/bgworkers $(shell pkg-config --cflags $(PKG_LIBS))
-SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS)) -largon2 -lcrypt
+PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server 2>/dev/null) -I$(srcdir)/src -I$(srcdir)/bgworkers \
+	$(shell pkg-config --cflags $(PKG_LIBS) 2>/dev/null)
+SHLIB_LINK  = $(shell pkg-config --libs $(PKG_LIBS) 2>/dev/null) -largon2 -lcrypt
 
 # pg_regress brings its own preloaded instance, so `make installcheck` needs
 # no running server; TAP tests start their own clusters.
@@ -44,25 +45,31 @@ TAP_TESTS    = 1
 DEVBROKER = devbroker/eventshop-devbroker
 EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress tmp_keys tmp_regress.conf
 
+# The two commands the README opens with. They work on a machine without
+# PostgreSQL yet: the scripts install the build dependencies first.
+.PHONY: demo test
+demo:
+	bash scripts/demo.sh
+test:
+	bash scripts/test.sh
 
-PGXS := $(shell $(PG_CONFIG) --pgxs)
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifeq ($(PGXS),)
+all install installcheck:
+	@echo "pg_config not found: install postgresql-server-dev-15 (make demo and make test do)" >&2; exit 1
+else
 include $(PGXS)
 
 all: $(DEVBROKER)
 
 $(DEVBROKER): devbroker/devbroker.c
-	$(CC) $(CFLAGS) $(CPPFLAGS_DEVBROKER) -o $@ $< $(shell pkg-config --cflags --libs rdkafka)
+	$(CC) $(CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka)
 
 install: install-devbroker
+.PHONY: install-devbroker
 install-devbroker: $(DEVBROKER)
 	$(INSTALL_PROGRAM) $(DEVBROKER) '$(DESTDIR)$(bindir)/eventshop-devbroker'
-
-# The two commands the README opens with.
-.PHONY: demo test install-devbroker
-demo:
-	bash scripts/demo.sh
-test:
-	bash scripts/test.sh
+endif
 
 # Throwaway keys for `make installcheck`: a master key file, an X25519 pair
 # for sealed boxes (private key as raw hex in a file, public key as raw
