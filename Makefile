@@ -45,6 +45,8 @@ TAP_TESTS    = 1
 DEVBROKER = devbroker/eventshop-devbroker
 EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress tmp_keys tmp_regress.conf
 
+.DEFAULT_GOAL := all
+
 # The two commands the README opens with. They work on a machine without
 # PostgreSQL yet: the scripts install the build dependencies first.
 .PHONY: demo test
