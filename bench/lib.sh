@@ -14,6 +14,7 @@ bench_start_cluster() {
 	BENCH_WORK=$(mktemp -d /tmp/eventshop-bench.XXXXXX)
 	chmod 755 "$BENCH_WORK"
 	trap bench_stop_cluster EXIT
+	trap "exit 130" INT TERM
 	export PGHOST=$BENCH_WORK PGPORT PGDATABASE=postgres
 	PGPORT=$(es_free_port)
 	bash "$bench_root/scripts/make_keys.sh" "$BENCH_WORK/keys" >"$BENCH_WORK/keys.conf"

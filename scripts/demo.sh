@@ -23,6 +23,7 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 echo "==> starting the dev Kafka broker"
 "${ES_RUN_AS[@]}" "$PGBIN/eventshop-devbroker" --bootstrap-file "$work/bootstrap" >/dev/null 2>"$work/devbroker.log" &
