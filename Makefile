@@ -19,6 +19,8 @@ OBJS = \
 	src/key_store.o \
 	src/jwt.o \
 	src/sealed_box.o \
+	src/orders.o \
+	src/payment_webhook.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/dispatcher.o \

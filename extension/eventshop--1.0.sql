@@ -8,7 +8,9 @@
 
 -- ---------------------------------------------------------------------------
 -- Roles. Applications get eventshop_app (EXECUTE on the API only); operators
--- get eventshop_admin. Roles are cluster-wide, so create them only once.
+-- get eventshop_admin; the payment gateway, which records the provider's
+-- payment results, gets eventshop_gateway. Roles are cluster-wide, so create
+-- them only once.
 -- ---------------------------------------------------------------------------
 DO $roles$
 BEGIN
@@ -18,11 +20,14 @@ BEGIN
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'eventshop_admin') THEN
 		CREATE ROLE eventshop_admin NOLOGIN;
 	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'eventshop_gateway') THEN
+		CREATE ROLE eventshop_gateway NOLOGIN;
+	END IF;
 END
 $roles$;
 
 REVOKE ALL ON SCHEMA eventshop FROM PUBLIC;
-GRANT USAGE ON SCHEMA eventshop TO eventshop_app, eventshop_admin;
+GRANT USAGE ON SCHEMA eventshop TO eventshop_app, eventshop_admin, eventshop_gateway;
 
 -- ---------------------------------------------------------------------------
 -- Accounts
@@ -288,7 +293,8 @@ COMMENT ON FUNCTION eventshop.register(text, text, text) IS 'Creates an account 
 -- src/auth_context.c); other modules call eventshop._require_user() or
 -- eventshop._require_admin(). Failed logins are counted in shared memory
 -- (src/login_throttle.c) so a ROLLBACK cannot erase them, and their events
--- are queued there until eventshop.flush_security_events() writes them.
+-- are queued there until eventshop.flush_security_events() writes them (the
+-- relay worker calls it as soon as one is queued).
 -- Every function that receives a password or token sets
 -- log_min_error_statement = panic, so a failed call never writes its
 -- statement text (which may hold the secret) to the server log.
@@ -336,7 +342,7 @@ CREATE TABLE eventshop.account_tokens (
 );
 CREATE INDEX account_tokens_user_idx ON eventshop.account_tokens (user_id, purpose);
 CREATE INDEX account_tokens_expires_idx ON eventshop.account_tokens (expires_at);
-COMMENT ON TABLE eventshop.account_tokens IS 'Single-use password-reset and e-mail verification tokens, as SHA-256 of the token. Rows without a user are decoys written for unknown addresses, so that a reset request costs the same whether or not the account exists; they can never be redeemed.';
+COMMENT ON TABLE eventshop.account_tokens IS 'Single-use password-reset and e-mail verification tokens, as SHA-256 of the token. Rows without a user are decoys: request_password_reset inserts and deletes one in the same transaction for an unknown address, so that a request costs the same whether or not the account exists; none stays, and none could ever be redeemed.';
 SELECT pg_catalog.pg_extension_config_dump('eventshop.account_tokens', '');
 
 CREATE TYPE eventshop.token_pair AS (
@@ -375,23 +381,20 @@ LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION eventshop.password_hash_status() IS 'Password hashes being computed in the server right now, and the limit eventshop.max_concurrent_password_hashes.';
 
 -- Brute-force counters and deferred events (C, src/login_throttle.c).
-CREATE FUNCTION eventshop._login_throttle_check(account text, source text)
-RETURNS integer
-AS 'MODULE_PATHNAME', 'eventshop_login_throttle_check'
+CREATE FUNCTION eventshop._login_throttle_begin(account text, source text,
+												OUT wait_seconds integer, OUT locked_seconds integer,
+												OUT source_lock timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'eventshop_login_throttle_begin'
 LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION eventshop._login_throttle_check(text, text) IS 'Internal: seconds until a login for this account (normalised e-mail) from this source may be tried; 0 when it may be tried now.';
+COMMENT ON FUNCTION eventshop._login_throttle_begin(text, text) IS 'Internal: admits one login attempt for this account (normalised e-mail) from this source, atomically in shared memory (it survives ROLLBACK). wait_seconds > 0: refused, the account or source is locked (or cannot be tracked: its table is full), nothing counted. Otherwise the attempt is counted against both now; locked_seconds is the account lockout it started (0: none), source_lock identifies the source lockout it started (NULL: none). Either argument may be NULL.';
 
-CREATE FUNCTION eventshop._login_throttle_failure(account text, source text)
-RETURNS integer
-AS 'MODULE_PATHNAME', 'eventshop_login_throttle_failure'
-LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION eventshop._login_throttle_failure(text, text) IS 'Internal: counts a failed login in shared memory (it survives ROLLBACK); returns the length in seconds of the account lockout it started, else 0.';
-
-CREATE FUNCTION eventshop._login_throttle_success(account text)
+CREATE FUNCTION eventshop._login_throttle_success(account text, source text DEFAULT NULL,
+												  source_lock timestamptz DEFAULT NULL)
 RETURNS void
 AS 'MODULE_PATHNAME', 'eventshop_login_throttle_success'
-LANGUAGE C STRICT VOLATILE;
-COMMENT ON FUNCTION eventshop._login_throttle_success(text) IS 'Internal: forgets an account''s failed logins and lockouts.';
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION eventshop._login_throttle_success(text, text, timestamptz) IS 'Internal: forgets an account''s failed logins and lockouts, and takes back from the source the one attempt a successful login counted (with the lockout it started, named by source_lock).';
 
 CREATE FUNCTION eventshop._login_throttle_clear()
 RETURNS bigint
@@ -401,11 +404,12 @@ COMMENT ON FUNCTION eventshop._login_throttle_clear() IS 'Internal: forgets ever
 
 CREATE FUNCTION eventshop.login_throttle_status(OUT tracked bigint, OUT locked bigint, OUT capacity integer,
 												OUT evicted bigint, OUT deferred_events integer,
-												OUT dropped_events bigint)
+												OUT dropped_events bigint, OUT tracked_sources bigint,
+												OUT refused bigint)
 RETURNS record
 AS 'MODULE_PATHNAME', 'eventshop_login_throttle_status'
 LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION eventshop.login_throttle_status() IS 'Failed-login tracking: accounts and sources tracked and locked now, table capacity, entries evicted because it was full, security events waiting for eventshop.flush_security_events() and events dropped because that queue was full.';
+COMMENT ON FUNCTION eventshop.login_throttle_status() IS 'Failed-login tracking: addresses and sources tracked and locked now (tracked_sources of them sources), the capacity of each of the two tables (addresses, sources), entries dropped to make room (only ones outside their failure window and lockout), security events waiting for eventshop.flush_security_events(), events dropped because that queue was full, and attempts refused because their table was full of entries that could not go.';
 
 CREATE FUNCTION eventshop._defer_event(message_key text, event_type text, data jsonb)
 RETURNS boolean
@@ -436,7 +440,7 @@ BEGIN
 	RETURN v_count;
 END
 $$;
-COMMENT ON FUNCTION eventshop.flush_security_events() IS 'Writes the security events of failed logins (user.login_failed, user.locked), queued in shared memory because their own transaction failed, to the outbox; returns how many. login and refresh call it; schedule it with pg_cron (every minute) so events also leave during an attack when no login succeeds.';
+COMMENT ON FUNCTION eventshop.flush_security_events() IS 'Writes the security events of failed logins (user.login_failed, user.locked), queued in shared memory because their own transaction failed, to the outbox; returns how many. The relay worker calls it as soon as an event is queued; where the relay is disabled, schedule it with pg_cron (every minute).';
 
 -- The authenticated caller (C, src/auth_context.c).
 CREATE FUNCTION eventshop._set_auth_context(user_id uuid, roles text[], session_id uuid)
@@ -481,6 +485,7 @@ AS $$
 DECLARE
 	v_user		uuid := eventshop.current_user_id();
 	v_session	uuid := eventshop.current_session_id();
+	v_now		timestamptz := clock_timestamp();
 BEGIN
 	IF v_user IS NULL THEN
 		RAISE EXCEPTION 'authentication required'
@@ -489,7 +494,7 @@ BEGIN
 	END IF;
 	PERFORM FROM eventshop.sessions s JOIN eventshop.users u ON u.id = s.user_id
 	WHERE s.id = v_session AND s.user_id = v_user AND s.revoked_at IS NULL
-	  AND s.expires_at > clock_timestamp() AND u.blocked_at IS NULL;
+	  AND s.expires_at > v_now AND u.blocked_at IS NULL;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'session has ended'
 			USING ERRCODE = 'invalid_authorization_specification',
@@ -604,10 +609,20 @@ COMMENT ON FUNCTION eventshop._revoke_sessions(uuid, text, uuid) IS 'Internal: e
 -- login. The same error (28P01 'invalid e-mail or password') for an unknown
 -- address, a wrong password and malformed input, and an unknown address
 -- costs a dummy argon2id hash, so neither message nor timing reveals whether
--- an account exists. A blocked account says so (28000) only after the right
--- password. Failures count per address and per source in shared memory;
--- while either is locked out, login refuses (28000) without checking the
--- password.
+-- an account exists; every failure that checked a password lasts at least
+-- eventshop.login_failure_min_duration, so neither does a stored hash that
+-- is slower to verify (imported bcrypt, older argon2id parameters). A blocked
+-- account says so (28000) only after the right password.
+-- Brute force: one atomic step in shared memory (_login_throttle_begin)
+-- refuses the attempt (28000) while the address or the source is locked,
+-- without checking the password, and otherwise counts it before the password
+-- is checked, so concurrent guesses cannot overtake the lockout; a success
+-- takes the count back.
+-- The password is checked against the row as read without a lock; after a
+-- match the row is read again FOR NO KEY UPDATE, held until commit: if the
+-- hash changed meanwhile (reset_password, change_password) the login fails
+-- like a wrong password, and a reset, change or block that comes later waits
+-- for this transaction and then ends the session it opened.
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION eventshop.login(email text, password text, source text DEFAULT NULL, user_agent text DEFAULT NULL)
 RETURNS SETOF eventshop.token_pair
@@ -617,19 +632,21 @@ SET search_path = pg_catalog, pg_temp
 SET log_min_error_statement = panic
 AS $$
 DECLARE
+	v_started		timestamptz := clock_timestamp();
 	v_source		text := nullif(btrim(login.source), '');
 	v_agent			text := left(regexp_replace(login.user_agent, '[[:cntrl:]]', '', 'g'), 512);
 	v_email			text;
 	v_email_hash	text;
 	v_user			eventshop.users%ROWTYPE;
+	v_current		eventshop.users%ROWTYPE;
+	v_attempt		record;
 	v_ok			boolean;
-	v_wait			integer;
-	v_locked		integer;
+	v_reason		text := 'wrong_password';
+	v_new_hash		text;
 	v_session		uuid := gen_random_uuid();
-	v_now			timestamptz := clock_timestamp();
+	v_now			timestamptz;
 	v_rehashed		boolean := false;
 BEGIN
-	PERFORM eventshop.flush_security_events();
 	IF v_source IS NOT NULL AND (octet_length(v_source) > 255 OR v_source ~ '[[:cntrl:]]') THEN
 		RAISE EXCEPTION 'invalid source'
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the client address, at most 255 printable bytes.';
@@ -644,70 +661,99 @@ BEGIN
 	END IF;
 	IF v_email IS NULL OR login.password IS NULL OR login.password = ''
 	   OR octet_length(login.password) > 4096 THEN
-		-- no account can match: count it against the source only
-		PERFORM eventshop._login_throttle_failure(NULL, v_source);
+		-- no account can match: count it against the source only (nothing to
+		-- learn from its timing, so it is not padded)
+		SELECT * INTO v_attempt FROM eventshop._login_throttle_begin(NULL, v_source);
+		IF v_attempt.wait_seconds > 0 THEN
+			RAISE EXCEPTION 'too many failed login attempts'
+				USING ERRCODE = 'invalid_authorization_specification',
+					  HINT = format('Try again in %s seconds.', v_attempt.wait_seconds);
+		END IF;
 		RAISE EXCEPTION 'invalid e-mail or password' USING ERRCODE = 'invalid_password';
 	END IF;
 
-	v_wait := eventshop._login_throttle_check(v_email, v_source);
-	IF v_wait > 0 THEN
+	-- refused while locked; otherwise counted now, before the password is checked
+	SELECT * INTO v_attempt FROM eventshop._login_throttle_begin(v_email, v_source);
+	IF v_attempt.wait_seconds > 0 THEN
 		RAISE EXCEPTION 'too many failed login attempts'
 			USING ERRCODE = 'invalid_authorization_specification',
-				  HINT = format('Try again in %s seconds.', v_wait);
+				  HINT = format('Try again in %s seconds.', v_attempt.wait_seconds);
 	END IF;
 
 	v_email_hash := eventshop._pii_hash(v_email);
 	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.email = v_email;
 	IF FOUND THEN
-		v_ok := eventshop._verify_password(login.password, v_user.password_hash);
+		BEGIN
+			v_ok := eventshop._verify_password(login.password, v_user.password_hash);
+		EXCEPTION WHEN invalid_parameter_value THEN
+			-- a stored hash that cannot be used (malformed, or beyond the bounds):
+			-- a failure like any other to the caller; the operator finds it in the log
+			RAISE LOG 'eventshop: the stored password hash of user % cannot be verified: %', v_user.id, SQLERRM;
+			v_ok := false;
+			v_reason := 'unusable_password_hash';
+		END;
 	ELSE
 		v_ok := eventshop._dummy_verify_password(login.password);
 	END IF;
 
-	IF NOT v_ok THEN
-		v_locked := eventshop._login_throttle_failure(v_email, v_source);
+	IF v_ok THEN
+		IF eventshop._password_needs_rehash(v_user.password_hash) THEN
+			-- computed before taking the row lock, to hold it briefly
+			v_new_hash := eventshop._hash_password(login.password);
+		END IF;
+		-- the password matched the row as read before; read it again, locked
+		-- until commit, and refuse if a new password was set meanwhile
+		SELECT u.* INTO v_current FROM eventshop.users u WHERE u.id = v_user.id FOR NO KEY UPDATE;
+		IF NOT FOUND OR v_current.password_hash IS DISTINCT FROM v_user.password_hash
+		   OR v_current.email IS DISTINCT FROM v_email THEN
+			v_ok := false;
+			v_reason := 'password_changed';
+		END IF;
+	END IF;
+
+	IF NOT v_ok OR v_current.blocked_at IS NOT NULL THEN
 		IF v_user.id IS NOT NULL THEN
 			PERFORM eventshop._defer_event(v_user.id::text, 'user.login_failed',
 				jsonb_build_object('user_id', v_user.id, 'email_hash', v_email_hash,
 								   'source_hash', eventshop._pii_hash(v_source),
-								   'reason', 'wrong_password', 'occurred_at', clock_timestamp()));
-			IF v_locked > 0 THEN
+								   'reason', CASE WHEN v_ok THEN 'blocked' ELSE v_reason END,
+								   'occurred_at', clock_timestamp()));
+			IF v_attempt.locked_seconds > 0 THEN
 				PERFORM eventshop._defer_event(v_user.id::text, 'user.locked',
 					jsonb_build_object('user_id', v_user.id, 'email_hash', v_email_hash,
-									   'locked_seconds', v_locked,
-									   'locked_until', clock_timestamp() + make_interval(secs => v_locked),
+									   'locked_seconds', v_attempt.locked_seconds,
+									   'locked_until', clock_timestamp() + make_interval(secs => v_attempt.locked_seconds),
 									   'occurred_at', clock_timestamp()));
 			END IF;
+		END IF;
+		PERFORM eventshop._pad_duration(v_started,
+			extract(epoch FROM current_setting('eventshop.login_failure_min_duration')::interval)::double precision);
+		IF v_ok THEN
+			RAISE EXCEPTION 'account is blocked'
+				USING ERRCODE = 'invalid_authorization_specification',
+					  HINT = 'Contact support to have the account unblocked.';
 		END IF;
 		RAISE EXCEPTION 'invalid e-mail or password' USING ERRCODE = 'invalid_password';
 	END IF;
 
-	IF v_user.blocked_at IS NOT NULL THEN
-		PERFORM eventshop._defer_event(v_user.id::text, 'user.login_failed',
-			jsonb_build_object('user_id', v_user.id, 'email_hash', v_email_hash,
-							   'source_hash', eventshop._pii_hash(v_source),
-							   'reason', 'blocked', 'occurred_at', clock_timestamp()));
-		RAISE EXCEPTION 'account is blocked'
-			USING ERRCODE = 'invalid_authorization_specification',
-				  HINT = 'Contact support to have the account unblocked.';
+	PERFORM eventshop._login_throttle_success(v_email, v_source, v_attempt.source_lock);
+	IF v_new_hash IS NOT NULL THEN
+		-- only over the hash that was verified (the row is locked: it is)
+		UPDATE eventshop.users u SET password_hash = v_new_hash
+		WHERE u.id = v_current.id AND u.password_hash = v_user.password_hash;
+		v_rehashed := FOUND;
 	END IF;
 
-	PERFORM eventshop._login_throttle_success(v_email);
-	IF eventshop._password_needs_rehash(v_user.password_hash) THEN
-		UPDATE eventshop.users u SET password_hash = eventshop._hash_password(login.password)
-		WHERE u.id = v_user.id;
-		v_rehashed := true;
-	END IF;
-
+	v_now := clock_timestamp();
 	INSERT INTO eventshop.sessions (id, user_id, created_at, last_used_at, expires_at, generation, source, user_agent)
-	VALUES (v_session, v_user.id, v_now, v_now, v_now, 0, v_source, nullif(v_agent, ''));
-	PERFORM eventshop._emit_event('auth.events', v_user.id::text, 'user.logged_in',
-		jsonb_build_object('user_id', v_user.id, 'email_hash', v_email_hash, 'session_id', v_session,
+	VALUES (v_session, v_current.id, v_now, v_now, v_now, 0, v_source, nullif(v_agent, ''));
+	PERFORM eventshop._emit_event('auth.events', v_current.id::text, 'user.logged_in',
+		jsonb_build_object('user_id', v_current.id, 'email_hash', v_email_hash, 'session_id', v_session,
 						   'source_hash', eventshop._pii_hash(v_source), 'password_rehashed', v_rehashed));
-	RETURN NEXT eventshop._issue_tokens(v_user.id, v_user.roles, v_session, 1);
+	RETURN NEXT eventshop._issue_tokens(v_current.id, v_current.roles, v_session, 1);
 END
 $$;
-COMMENT ON FUNCTION eventshop.login(text, text, text, text) IS 'Verifies e-mail and password and opens a session: returns an access JWT, a refresh token, ''Bearer'', the access token lifetime and the session id; emits user.logged_in. Errors: 28P01 invalid e-mail or password (the same for unknown accounts), 28000 account blocked or too many failed attempts (source: the client address, counted for lockout).';
+COMMENT ON FUNCTION eventshop.login(text, text, text, text) IS 'Verifies e-mail and password and opens a session: returns an access JWT, a refresh token, ''Bearer'', the access token lifetime and the session id; emits user.logged_in. Errors: 28P01 invalid e-mail or password (the same for unknown accounts, lasting at least eventshop.login_failure_min_duration), 28000 account blocked or too many failed attempts (source: the client address, counted for lockout).';
 
 -- ---------------------------------------------------------------------------
 -- refresh. Rotates the refresh token: the presented token is marked used and
@@ -740,7 +786,6 @@ DECLARE
 	v_user		eventshop.users%ROWTYPE;
 	v_now		timestamptz;
 BEGIN
-	PERFORM eventshop.flush_security_events();
 	IF NOT eventshop._is_opaque_token(refresh.refresh_token) THEN
 		RAISE EXCEPTION 'invalid refresh token' USING ERRCODE = 'invalid_authorization_specification';
 	END IF;
@@ -750,9 +795,18 @@ BEGIN
 		RAISE EXCEPTION 'invalid refresh token' USING ERRCODE = 'invalid_authorization_specification';
 	END IF;
 
-	-- wait for concurrent refreshes of this session, then look again
+	-- wait for concurrent refreshes of this session, then look again: the
+	-- session (and with it the token) may have been deleted meanwhile
 	SELECT s.* INTO v_session FROM eventshop.sessions s WHERE s.id = v_session_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'invalid refresh token'
+			USING ERRCODE = 'invalid_authorization_specification', DETAIL = 'The session has ended.';
+	END IF;
 	SELECT t.* INTO v_token FROM eventshop.refresh_tokens t WHERE t.token_hash = v_hash;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'invalid refresh token'
+			USING ERRCODE = 'invalid_authorization_specification', DETAIL = 'The session has ended.';
+	END IF;
 	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_session.user_id;
 	v_now := clock_timestamp();
 
@@ -936,11 +990,12 @@ AS $$
 DECLARE
 	v_user		uuid := eventshop._require_user();
 	v_session	uuid := eventshop.current_session_id();
+	v_now		timestamptz := clock_timestamp();
 BEGIN
 	RETURN QUERY
 	SELECT s.id, s.created_at, s.last_used_at, s.expires_at, s.source, s.user_agent, s.id = v_session
 	FROM eventshop.sessions s
-	WHERE s.user_id = v_user AND s.revoked_at IS NULL AND s.expires_at > clock_timestamp()
+	WHERE s.user_id = v_user AND s.revoked_at IS NULL AND s.expires_at > v_now
 	ORDER BY s.created_at DESC, s.id;
 END
 $$;
@@ -985,29 +1040,36 @@ AS $$
 DECLARE
 	v_user_id	uuid := eventshop._require_user();
 	v_user		eventshop.users%ROWTYPE;
-	v_locked	integer;
+	v_attempt	record;
 	v_count		integer;
 BEGIN
+	-- the row stays locked until commit: a login that checked the old password
+	-- meanwhile sees the new hash and fails (see login)
 	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_user_id FOR UPDATE;
-	IF eventshop._login_throttle_check(v_user.email, NULL) > 0 THEN
-		RAISE EXCEPTION 'too many failed login attempts' USING ERRCODE = 'invalid_authorization_specification';
+	-- a stolen access token must not become a way to guess the password: the
+	-- check counts as a login attempt, admitted and counted before it runs
+	SELECT * INTO v_attempt FROM eventshop._login_throttle_begin(v_user.email, NULL);
+	IF v_attempt.wait_seconds > 0 THEN
+		RAISE EXCEPTION 'too many failed login attempts'
+			USING ERRCODE = 'invalid_authorization_specification',
+				  HINT = format('Try again in %s seconds.', v_attempt.wait_seconds);
 	END IF;
-	-- a stolen access token must not become a way to guess the password
 	IF current_password IS NULL OR octet_length(current_password) > 4096
 	   OR NOT eventshop._verify_password(current_password, v_user.password_hash) THEN
-		v_locked := eventshop._login_throttle_failure(v_user.email, NULL);
 		PERFORM eventshop._defer_event(v_user.id::text, 'user.login_failed',
 			jsonb_build_object('user_id', v_user.id, 'email_hash', eventshop._pii_hash(v_user.email),
 							   'reason', 'wrong_current_password', 'occurred_at', clock_timestamp()));
-		IF v_locked > 0 THEN
+		IF v_attempt.locked_seconds > 0 THEN
 			PERFORM eventshop._defer_event(v_user.id::text, 'user.locked',
 				jsonb_build_object('user_id', v_user.id, 'email_hash', eventshop._pii_hash(v_user.email),
-								   'locked_seconds', v_locked,
-								   'locked_until', clock_timestamp() + make_interval(secs => v_locked),
+								   'locked_seconds', v_attempt.locked_seconds,
+								   'locked_until', clock_timestamp() + make_interval(secs => v_attempt.locked_seconds),
 								   'occurred_at', clock_timestamp()));
 		END IF;
 		RAISE EXCEPTION 'invalid password' USING ERRCODE = 'invalid_password';
 	END IF;
+	-- the right current password: like a successful login, it clears the count
+	PERFORM eventshop._login_throttle_success(v_user.email);
 	PERFORM eventshop._check_password_policy(new_password);
 	IF new_password = current_password THEN
 		RAISE EXCEPTION 'the new password must differ from the current one' USING ERRCODE = 'invalid_parameter_value';
@@ -1018,7 +1080,6 @@ BEGIN
 	v_count := eventshop._revoke_sessions(v_user.id, 'password_changed', eventshop.current_session_id());
 	DELETE FROM eventshop.account_tokens t
 	WHERE t.user_id = v_user.id AND t.purpose = 'password_reset' AND t.used_at IS NULL;
-	PERFORM eventshop._login_throttle_success(v_user.email);
 	PERFORM eventshop._emit_event('auth.events', v_user.id::text, 'password.changed',
 		jsonb_build_object('user_id', v_user.id, 'email_hash', eventshop._pii_hash(v_user.email),
 						   'method', 'change', 'sessions_revoked', v_count));
@@ -1039,10 +1100,13 @@ $$;
 COMMENT ON FUNCTION eventshop._pad_duration(timestamptz, double precision) IS 'Internal: sleeps until the given number of seconds has passed since started, to equalise the duration of branches.';
 
 -- Request a password-reset link. The response, the work done (token, hash,
--- seal, keyed hash of the address, one row written, and so the commit) and
--- the duration (padded to 20 ms) are the same whether or not the address has
--- an account: for an unknown (or blocked) address a decoy row is written
--- that can never be redeemed, and no event.
+-- seal, keyed hash of the address, rows written and deleted, and so a commit
+-- that flushes WAL) and the duration (padded to 20 ms) are the same whether
+-- or not the address has an account: for an unknown (or blocked, or
+-- rate-limited) address a decoy row is inserted and deleted again in the
+-- same transaction, as the real branch inserts the new link and deletes the
+-- older ones, so nothing is left behind (no row an anonymous caller could
+-- pile up), and no event is emitted.
 CREATE FUNCTION eventshop.request_password_reset(email text)
 RETURNS void
 LANGUAGE plpgsql
@@ -1068,6 +1132,8 @@ BEGIN
 					AND t.created_at > v_now - interval '1 minute') THEN
 		INSERT INTO eventshop.account_tokens (token_hash, user_id, purpose, email, created_at, expires_at)
 		VALUES (v_hash, NULL, 'password_reset', NULL, v_now, v_expires);
+		-- as the real branch deletes the account's older links
+		DELETE FROM eventshop.account_tokens t WHERE t.token_hash = v_hash;
 		PERFORM eventshop._pad_duration(v_now, 0.020);
 		RETURN;
 	END IF;
@@ -1141,12 +1207,14 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+	-- called once: a volatile call in the WHERE clause would run per row (a sequential scan)
+	v_user_id	uuid := eventshop._require_user();
 	v_user		eventshop.users%ROWTYPE;
 	v_token		text;
 	v_now		timestamptz := clock_timestamp();
 	v_expires	timestamptz := v_now + current_setting('eventshop.email_verification_ttl')::interval;
 BEGIN
-	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = eventshop._require_user() FOR UPDATE;
+	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_user_id FOR UPDATE;
 	IF v_user.email_verified_at IS NOT NULL THEN
 		RETURN false;
 	END IF;
@@ -1305,7 +1373,9 @@ $$;
 COMMENT ON FUNCTION eventshop.set_user_roles(uuid, text[]) IS 'Replaces an account''s roles (customer, admin) and returns them sorted; takes effect at the user''s next statement (roles are read from the account, not the token); emits user.roles_changed. Errors: P0002 no such user, 22023 invalid roles or own admin role, 28000/42501 not an authenticated administrator.';
 
 -- Housekeeping for pg_cron: sessions that ended a day ago (with their refresh
--- tokens) and one-time tokens that expired a day ago.
+-- tokens), one-time tokens that expired a day ago, and at once any decoy row
+-- (none is written any more; older versions left one per anonymous reset
+-- request, and no decoy can ever be redeemed).
 CREATE FUNCTION eventshop.purge_expired_auth_data()
 RETURNS bigint
 LANGUAGE plpgsql
@@ -1313,18 +1383,1388 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+	-- computed once, so the deletes can use the indexes
+	v_cutoff	timestamptz := clock_timestamp() - interval '1 day';
 	v_sessions	bigint;
 	v_tokens	bigint;
+	v_decoys	bigint;
 BEGIN
 	DELETE FROM eventshop.sessions s
-	WHERE coalesce(s.revoked_at, s.expires_at) < clock_timestamp() - interval '1 day';
+	WHERE coalesce(s.revoked_at, s.expires_at) < v_cutoff;
 	GET DIAGNOSTICS v_sessions = ROW_COUNT;
-	DELETE FROM eventshop.account_tokens t WHERE t.expires_at < clock_timestamp() - interval '1 day';
+	DELETE FROM eventshop.account_tokens t WHERE t.expires_at < v_cutoff;
 	GET DIAGNOSTICS v_tokens = ROW_COUNT;
-	RETURN v_sessions + v_tokens;
+	DELETE FROM eventshop.account_tokens t WHERE t.user_id IS NULL;
+	GET DIAGNOSTICS v_decoys = ROW_COUNT;
+	RETURN v_sessions + v_tokens + v_decoys;
 END
 $$;
-COMMENT ON FUNCTION eventshop.purge_expired_auth_data() IS 'Deletes sessions (and their refresh tokens) that ended more than a day ago and one-time tokens that expired more than a day ago; returns how many rows. Schedule with pg_cron.';
+COMMENT ON FUNCTION eventshop.purge_expired_auth_data() IS 'Deletes sessions (and their refresh tokens) that ended more than a day ago, one-time tokens that expired more than a day ago, and any decoy row left by older versions; returns how many rows. Schedule with pg_cron.';
+
+-- ---------------------------------------------------------------------------
+-- Orders: catalog, inventory, cart, orders, payments.
+--
+-- Money is bigint minor units plus an ISO 4217 currency code, never floating
+-- point. Inventory: a product's available stock is stock_on_hand - reserved,
+-- where reserved counts the units of orders in status 'reserved' (the
+-- reservation of an order is its items while it is reserved; it expires at
+-- reserved_until). The CHECK reserved <= stock_on_hand makes an oversell
+-- impossible whatever a function does.
+--
+-- Locking (why nothing deadlocks): a function that changes stock locks every
+-- product row it touches in ONE statement, ORDER BY id, before changing any
+-- of them; a function that changes an order locks the order row first (and
+-- only that one, except expire_reservations, which skips locked orders), then
+-- its products in id order. place_order locks no order (its order is new).
+-- So all lock waits go order -> products in ascending id, and no cycle forms.
+--
+-- Lifecycle (enforced by a trigger as well as by each function):
+--   reserved -> paid -> completed -> refunded
+--   reserved -> cancelled | expired
+-- Events: orders.events and payments.events, key = order id, user ids and
+-- amounts only (no PII).
+-- ---------------------------------------------------------------------------
+-- Value rules are domains rather than table CHECKs: a domain is checked when
+-- a value is assigned, with its expression cached per session, while a table
+-- CHECK is parsed again by every statement that writes the table and
+-- evaluated on every UPDATE of a row. Every order writes these tables.
+CREATE DOMAIN eventshop.sku AS text CHECK (VALUE ~ '^[A-Za-z0-9._-]{1,64}$');
+COMMENT ON DOMAIN eventshop.sku IS 'A stock-keeping unit: 1 to 64 characters from A-Z, a-z, 0-9, ".", "_" and "-".';
+CREATE DOMAIN eventshop.currency_code AS text CHECK (VALUE ~ '^[A-Z]{3}$');
+COMMENT ON DOMAIN eventshop.currency_code IS 'An ISO 4217 currency code (three upper-case letters).';
+CREATE DOMAIN eventshop.price_minor AS bigint CHECK (VALUE BETWEEN 0 AND 1000000000000);
+COMMENT ON DOMAIN eventshop.price_minor IS 'A unit price in integer minor units (cents), 0 to 10^12: with at most 1000 units a line and 100 lines an order total stays far inside bigint.';
+CREATE DOMAIN eventshop.amount_minor AS bigint CHECK (VALUE >= 0);
+COMMENT ON DOMAIN eventshop.amount_minor IS 'An amount of money in integer minor units (cents), never negative.';
+CREATE DOMAIN eventshop.order_status AS text
+	CHECK (VALUE IN ('reserved', 'paid', 'completed', 'cancelled', 'expired', 'refunded'));
+COMMENT ON DOMAIN eventshop.order_status IS 'The status of an order: reserved -> paid -> completed -> refunded, or reserved -> cancelled / expired (transitions are checked by the trigger orders_status_transition).';
+CREATE DOMAIN eventshop.line_quantity AS integer CHECK (VALUE BETWEEN 1 AND 1000);
+COMMENT ON DOMAIN eventshop.line_quantity IS 'Units of one product in an order or cart line: 1 to 1000.';
+
+CREATE TABLE eventshop.products (
+	id				bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	sku				eventshop.sku NOT NULL,
+	title			text NOT NULL,
+	description		text NOT NULL DEFAULT '',
+	category		text,
+	price_minor		eventshop.price_minor NOT NULL,
+	currency		eventshop.currency_code NOT NULL,
+	stock_on_hand	integer NOT NULL,
+	reserved		integer NOT NULL DEFAULT 0,
+	active			boolean NOT NULL DEFAULT true,
+	version			integer NOT NULL DEFAULT 1,
+	created_at		timestamptz NOT NULL DEFAULT now(),
+	updated_at		timestamptz NOT NULL DEFAULT now(),
+	CONSTRAINT products_sku_key UNIQUE (sku),
+	-- the no-oversell invariant (and stock_on_hand >= 0), whatever a function does
+	CONSTRAINT products_stock_check CHECK (0 <= reserved AND reserved <= stock_on_hand)
+) WITH (fillfactor = 80);		-- room for HOT updates of the stock counters
+COMMENT ON TABLE eventshop.products IS 'The catalog. Prices in integer minor units of currency (ISO 4217). reserved = units held by orders in status reserved; available = stock_on_hand - reserved, and reserved <= stock_on_hand always holds (no oversell). version increases with every change of the admin-editable fields and of stock_on_hand (optimistic concurrency for update_product).';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.products', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.products_id_seq', '');
+
+-- The text a product is found by. A function, so that the index and the
+-- search use the same expression.
+CREATE FUNCTION eventshop._product_document(sku text, title text, category text, description text)
+RETURNS tsvector
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT setweight(to_tsvector('pg_catalog.english', title || ' ' || coalesce(category, '') || ' ' || sku), 'A')
+		   || setweight(to_tsvector('pg_catalog.english', description), 'B')
+$$;
+COMMENT ON FUNCTION eventshop._product_document(text, text, text, text) IS 'Internal: the full-text document of a product (title, category and SKU weighted A, description B), English configuration.';
+
+CREATE INDEX products_search_idx ON eventshop.products
+	USING gin (eventshop._product_document(sku, title, category, description)) WHERE active;
+CREATE INDEX products_title_idx ON eventshop.products ((title COLLATE "C"), id) WHERE active;
+CREATE INDEX products_category_idx ON eventshop.products (category, (title COLLATE "C"), id) WHERE active;
+
+-- Order ids are UUIDv7 (eventshop._uuid_v7): they sort by creation, so the
+-- primary key serves "newest first" and inserts append to the index.
+CREATE TABLE eventshop.orders (
+	id				uuid PRIMARY KEY,
+	user_id			uuid NOT NULL REFERENCES eventshop.users (id),
+	status			eventshop.order_status NOT NULL,
+	currency		text NOT NULL,		-- the products' (eventshop.currency_code)
+	total_minor		eventshop.amount_minor NOT NULL,
+	item_count		integer NOT NULL,
+	unit_count		integer NOT NULL,
+	created_at		timestamptz NOT NULL,
+	reserved_until	timestamptz NOT NULL,
+	updated_at		timestamptz NOT NULL,
+	paid_at			timestamptz,		-- set on reserved -> paid
+	completed_at	timestamptz			-- set on paid -> completed
+);
+CREATE INDEX orders_user_idx ON eventshop.orders (user_id, id);
+CREATE INDEX orders_reserved_until_idx ON eventshop.orders (reserved_until) WHERE status = 'reserved';
+CREATE INDEX orders_completed_idx ON eventshop.orders (completed_at) WHERE status = 'completed';
+COMMENT ON TABLE eventshop.orders IS 'Orders; id is a UUIDv7, so ids sort by creation. status: reserved (holds its stock until reserved_until) -> paid -> completed -> refunded, or reserved -> cancelled / expired. total_minor is computed from the items when the order is placed; item_count is the number of lines, unit_count the number of units.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.orders', '');
+
+-- No foreign keys here on purpose: lines are written only by place_order, in
+-- the statement that inserts their order, for products it holds locked; the
+-- six key checks of a 3-line order would cost about a tenth of placing it.
+CREATE TABLE eventshop.order_items (
+	order_id		uuid NOT NULL,		-- eventshop.orders (id)
+	product_id		bigint NOT NULL,	-- eventshop.products (id)
+	sku				text NOT NULL,
+	title			text NOT NULL,
+	category		text,
+	unit_price_minor bigint NOT NULL,
+	quantity		eventshop.line_quantity NOT NULL,
+	PRIMARY KEY (order_id, product_id)
+);
+COMMENT ON TABLE eventshop.order_items IS 'Lines of an order: SKU, title, category and unit price as they were when the order was placed (later catalog changes do not alter an order).';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.order_items', '');
+
+CREATE TABLE eventshop.payments (
+	id				uuid PRIMARY KEY,
+	order_id		uuid NOT NULL REFERENCES eventshop.orders (id),
+	kind			text NOT NULL CHECK (kind IN ('payment', 'refund')),
+	provider		text NOT NULL CHECK (provider ~ '^[a-z0-9_-]{1,32}$'),
+	provider_ref	text NOT NULL CHECK (char_length(provider_ref) BETWEEN 1 AND 255),
+	status			text NOT NULL CHECK (status IN ('succeeded', 'failed')),
+	amount_minor	bigint NOT NULL CHECK (amount_minor >= 0),
+	currency		text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+	order_status	text NOT NULL,
+	created_at		timestamptz NOT NULL DEFAULT clock_timestamp(),
+	CONSTRAINT payments_provider_ref_key UNIQUE (provider, provider_ref)
+);
+CREATE INDEX payments_order_idx ON eventshop.payments (order_id);
+COMMENT ON TABLE eventshop.payments IS 'Payment and refund results reported by a payment provider, one per provider reference (recording the same reference again is a no-op that returns the stored result). order_status is the order''s status right after the result was applied.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.payments', '');
+
+CREATE TABLE eventshop.cart_items (
+	user_id			uuid NOT NULL REFERENCES eventshop.users (id) ON DELETE CASCADE,
+	product_id		bigint NOT NULL REFERENCES eventshop.products (id),
+	quantity		eventshop.line_quantity NOT NULL,
+	added_at		timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (user_id, product_id)
+);
+COMMENT ON TABLE eventshop.cart_items IS 'Per-user shopping carts: product and quantity; prices and stock are read from the catalog when the cart is viewed or checked out.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.cart_items', '');
+
+CREATE TYPE eventshop.product AS (
+	product_id		bigint,
+	sku				text,
+	title			text,
+	description		text,
+	category		text,
+	price_minor		bigint,
+	currency		text,
+	stock_on_hand	integer,
+	reserved		integer,
+	available		integer,
+	active			boolean,
+	version			integer
+);
+COMMENT ON TYPE eventshop.product IS 'A product as the catalog functions return it; available = stock_on_hand - reserved.';
+
+CREATE TYPE eventshop.product_listing AS (
+	product_id		bigint,
+	sku				text,
+	title			text,
+	description		text,
+	category		text,
+	price_minor		bigint,
+	currency		text,
+	available		integer,
+	version			integer,
+	cursor			text
+);
+COMMENT ON TYPE eventshop.product_listing IS 'A search_products row; cursor is the opaque position after this row (pass the last row''s cursor for the next page).';
+
+CREATE TYPE eventshop.order_summary AS (
+	order_id		uuid,
+	status			text,
+	currency		text,
+	total_minor		bigint,
+	item_count		integer,
+	reserved_until	timestamptz
+);
+CREATE TYPE eventshop.order_line AS (
+	product_id		bigint,
+	sku				text,
+	title			text,
+	category		text,
+	unit_price_minor bigint,
+	quantity		integer
+);
+COMMENT ON TYPE eventshop.order_line IS 'Internal: one line of an order being placed, as read from the locked product row.';
+
+COMMENT ON TYPE eventshop.order_summary IS 'What place_order, checkout and cancel_order return; item_count is the number of lines.';
+
+CREATE TYPE eventshop.order_listing AS (
+	order_id		uuid,
+	user_id			uuid,
+	status			text,
+	currency		text,
+	total_minor		bigint,
+	item_count		integer,
+	created_at		timestamptz,
+	cursor			text
+);
+COMMENT ON TYPE eventshop.order_listing IS 'A list_orders row; cursor is the opaque position after this row.';
+
+CREATE TYPE eventshop.payment_result AS (
+	payment_id		uuid,
+	order_id		uuid,
+	kind			text,
+	status			text,
+	amount_minor	bigint,
+	currency		text,
+	order_status	text
+);
+COMMENT ON TYPE eventshop.payment_result IS 'What record_payment and record_refund return (the same again when the provider reference is replayed): kind payment or refund, status succeeded or failed, and the order''s status right after.';
+
+-- Every status change of an order goes through this trigger, whichever
+-- function makes it: the lifecycle cannot be skipped or reversed.
+CREATE FUNCTION eventshop._orders_check_transition()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF (OLD.status, NEW.status) NOT IN (('reserved', 'paid'), ('paid', 'completed'), ('completed', 'refunded'),
+										('reserved', 'cancelled'), ('reserved', 'expired')) THEN
+		RAISE EXCEPTION 'invalid order status transition from % to %', OLD.status, NEW.status
+			USING ERRCODE = 'object_not_in_prerequisite_state';
+	END IF;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION eventshop._orders_check_transition() IS 'Internal trigger: refuses (55000) any order status change outside reserved -> paid -> completed -> refunded and reserved -> cancelled / expired.';
+
+CREATE TRIGGER orders_status_transition
+	BEFORE UPDATE OF status ON eventshop.orders
+	FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+	EXECUTE FUNCTION eventshop._orders_check_transition();
+
+CREATE FUNCTION eventshop._is_admin(user_id uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT EXISTS (SELECT 1 FROM eventshop.users u WHERE u.id = _is_admin.user_id AND 'admin' = ANY (u.roles))
+$$;
+COMMENT ON FUNCTION eventshop._is_admin(uuid) IS 'Internal: whether the account has the admin role now.';
+
+CREATE FUNCTION eventshop._check_sku(sku text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF sku IS NULL THEN
+		RAISE EXCEPTION 'SKU is required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF sku !~ '^[A-Za-z0-9._-]{1,64}$' THEN
+		RAISE EXCEPTION 'invalid SKU' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'A SKU is 1 to 64 characters from A-Z, a-z, 0-9, ".", "_" and "-".';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop._check_sku(text) IS 'Internal: raises 22004 for a NULL SKU and 22023 for a malformed one.';
+
+-- Checks every field of a product (create_product, update_product).
+CREATE FUNCTION eventshop._check_product(title text, description text, category text, price_minor bigint,
+										 currency text, stock_on_hand bigint)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF title IS NULL OR price_minor IS NULL OR currency IS NULL OR stock_on_hand IS NULL THEN
+		RAISE EXCEPTION 'title, price_minor, currency and stock_on_hand are required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF btrim(title) = '' OR char_length(title) > 200 OR title ~ '[[:cntrl:]]' THEN
+		RAISE EXCEPTION 'invalid title' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use 1 to 200 printable characters.';
+	END IF;
+	IF description IS NULL OR char_length(description) > 5000 THEN
+		RAISE EXCEPTION 'invalid description' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use at most 5000 characters.';
+	END IF;
+	IF category IS NOT NULL AND (btrim(category) = '' OR char_length(category) > 64 OR category ~ '[[:cntrl:]]') THEN
+		RAISE EXCEPTION 'invalid category' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use 1 to 64 printable characters, or NULL.';
+	END IF;
+	IF price_minor NOT BETWEEN 0 AND 1000000000000 THEN
+		RAISE EXCEPTION 'invalid price' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'price_minor is an integer number of minor units (cents) between 0 and 1000000000000.';
+	END IF;
+	IF currency !~ '^[A-Z]{3}$' THEN
+		RAISE EXCEPTION 'invalid currency' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use an ISO 4217 code such as EUR or USD.';
+	END IF;
+	IF stock_on_hand NOT BETWEEN 0 AND 1000000000 THEN
+		RAISE EXCEPTION 'invalid stock_on_hand' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'stock_on_hand is an integer between 0 and 1000000000.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop._check_product(text, text, text, bigint, text, bigint) IS 'Internal: validates the fields of a product; 22004 for a missing required field, 22023 for an invalid one.';
+
+CREATE FUNCTION eventshop._product_out(p eventshop.products)
+RETURNS eventshop.product
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT ROW(p.id, p.sku, p.title, p.description, p.category, p.price_minor, p.currency,
+			   p.stock_on_hand, p.reserved, p.stock_on_hand - p.reserved, p.active, p.version)::eventshop.product
+$$;
+COMMENT ON FUNCTION eventshop._product_out(eventshop.products) IS 'Internal: a products row as the API''s eventshop.product.';
+
+-- Opaque keyset cursors: base64url of a small JSON object carrying the sort
+-- key of the last row and a fingerprint of the search it belongs to. Not a
+-- secret (it only holds values the caller was shown), so it is not signed;
+-- a tampered cursor is refused or, at worst, starts the page elsewhere.
+CREATE FUNCTION eventshop._encode_cursor(data jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT rtrim(translate(encode(convert_to(data::text, 'UTF8'), 'base64'), E'+/\n', '-_'), '=')
+$$;
+COMMENT ON FUNCTION eventshop._encode_cursor(jsonb) IS 'Internal: encodes a keyset position as an opaque base64url string.';
+
+CREATE FUNCTION eventshop._decode_cursor(cursor text, fingerprint text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_data jsonb;
+BEGIN
+	IF char_length(cursor) NOT BETWEEN 4 AND 2000 OR cursor !~ '^[A-Za-z0-9_-]+$' THEN
+		RAISE EXCEPTION 'invalid cursor' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	BEGIN
+		v_data := convert_from(decode(translate(cursor, '-_', '+/') || repeat('=', (4 - char_length(cursor) % 4) % 4),
+									  'base64'), 'UTF8')::jsonb;
+	EXCEPTION WHEN OTHERS THEN
+		v_data := NULL;
+	END;
+	IF jsonb_typeof(v_data) IS DISTINCT FROM 'object' THEN
+		RAISE EXCEPTION 'invalid cursor' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF v_data->>'f' IS DISTINCT FROM fingerprint THEN
+		RAISE EXCEPTION 'cursor does not belong to this query' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Pass the same filters as for the previous page.';
+	END IF;
+	RETURN v_data;
+END
+$$;
+COMMENT ON FUNCTION eventshop._decode_cursor(text, text) IS 'Internal: decodes a cursor made by _encode_cursor for the search with this fingerprint; 22023 if it is malformed or belongs to another search.';
+
+-- ---------------------------------------------------------------------------
+-- Catalog
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop.create_product(sku text, title text, price_minor bigint, currency text,
+										 stock_on_hand integer DEFAULT 0, category text DEFAULT NULL,
+										 description text DEFAULT '')
+RETURNS eventshop.product
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_row eventshop.products;
+BEGIN
+	PERFORM eventshop._require_admin();
+	PERFORM eventshop._check_sku(create_product.sku);
+	PERFORM eventshop._check_product(create_product.title, create_product.description, create_product.category,
+									 create_product.price_minor, create_product.currency, create_product.stock_on_hand);
+	INSERT INTO eventshop.products AS p (sku, title, description, category, price_minor, currency, stock_on_hand)
+	VALUES (create_product.sku, btrim(create_product.title), create_product.description, btrim(create_product.category),
+			create_product.price_minor, create_product.currency, create_product.stock_on_hand)
+	ON CONFLICT ON CONSTRAINT products_sku_key DO NOTHING
+	RETURNING p.* INTO v_row;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'a product with SKU "%" already exists', create_product.sku USING ERRCODE = 'unique_violation';
+	END IF;
+	RETURN eventshop._product_out(v_row);
+END
+$$;
+COMMENT ON FUNCTION eventshop.create_product(text, text, bigint, text, integer, text, text) IS 'Adds a product (version 1) for an authenticated administrator. Errors: 22004 missing field, 22023 invalid field, 23505 SKU exists, 28000/42501 not an authenticated administrator.';
+
+-- Reads an integer from a JSON value, or raises 22023 naming the field.
+CREATE FUNCTION eventshop._json_integer(value jsonb, field text, min_value bigint, max_value bigint)
+RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_num numeric;
+BEGIN
+	IF jsonb_typeof(value) IS DISTINCT FROM 'number' THEN
+		RAISE EXCEPTION '% must be an integer', field USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	v_num := value::numeric;
+	IF v_num <> trunc(v_num) THEN
+		RAISE EXCEPTION '% must be an integer', field USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF v_num < min_value OR v_num > max_value THEN
+		RAISE EXCEPTION '% must be between % and %', field, min_value, max_value USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	RETURN v_num::bigint;
+END
+$$;
+COMMENT ON FUNCTION eventshop._json_integer(jsonb, text, bigint, bigint) IS 'Internal: a JSON number that is an integer in [min_value, max_value], else 22023 naming the field.';
+
+CREATE FUNCTION eventshop._json_string(value jsonb, field text, nullable boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF nullable AND jsonb_typeof(value) = 'null' THEN
+		RETURN NULL;
+	END IF;
+	IF jsonb_typeof(value) IS DISTINCT FROM 'string' THEN
+		RAISE EXCEPTION '% must be a string%', field, CASE WHEN nullable THEN ' or null' ELSE '' END
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	RETURN value #>> '{}';
+END
+$$;
+COMMENT ON FUNCTION eventshop._json_string(jsonb, text, boolean) IS 'Internal: a JSON string (or null when nullable), else 22023 naming the field.';
+
+-- Optimistic concurrency: the caller passes the version it read; if the
+-- product changed since, nothing is written and 40001 tells it to reload.
+CREATE FUNCTION eventshop.update_product(product_id bigint, expected_version integer, changes jsonb)
+RETURNS eventshop.product
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_row		eventshop.products;
+	v_key		text;
+	v_title		text;
+	v_desc		text;
+	v_category	text;
+	v_price		bigint;
+	v_currency	text;
+	v_stock		bigint;
+	v_active	boolean;
+BEGIN
+	PERFORM eventshop._require_admin();
+	IF update_product.product_id IS NULL OR expected_version IS NULL OR changes IS NULL THEN
+		RAISE EXCEPTION 'product_id, expected_version and changes are required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF jsonb_typeof(changes) <> 'object' OR changes = '{}'::jsonb THEN
+		RAISE EXCEPTION 'changes must be a non-empty JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	SELECT k INTO v_key FROM jsonb_object_keys(changes) AS k
+	WHERE k NOT IN ('title', 'description', 'category', 'price_minor', 'currency', 'stock_on_hand', 'active')
+	ORDER BY k LIMIT 1;
+	IF v_key IS NOT NULL THEN
+		RAISE EXCEPTION 'unknown field "%" in changes', v_key USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Allowed: title, description, category, price_minor, currency, stock_on_hand, active.';
+	END IF;
+
+	SELECT p.* INTO v_row FROM eventshop.products p WHERE p.id = update_product.product_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'no such product' USING ERRCODE = 'no_data_found';
+	END IF;
+	IF v_row.version <> expected_version THEN
+		RAISE EXCEPTION 'product % was changed by someone else', v_row.sku
+			USING ERRCODE = 'serialization_failure',
+				  DETAIL = format('Expected version %s, the product is at version %s.', expected_version, v_row.version),
+				  HINT = 'Read the product again and reapply the change.';
+	END IF;
+
+	v_title := CASE WHEN changes ? 'title' THEN eventshop._json_string(changes->'title', 'title') ELSE v_row.title END;
+	v_desc := CASE WHEN changes ? 'description' THEN eventshop._json_string(changes->'description', 'description') ELSE v_row.description END;
+	v_category := CASE WHEN changes ? 'category' THEN eventshop._json_string(changes->'category', 'category', true) ELSE v_row.category END;
+	v_price := CASE WHEN changes ? 'price_minor' THEN eventshop._json_integer(changes->'price_minor', 'price_minor', 0, 1000000000000) ELSE v_row.price_minor END;
+	v_currency := CASE WHEN changes ? 'currency' THEN eventshop._json_string(changes->'currency', 'currency') ELSE v_row.currency END;
+	v_stock := CASE WHEN changes ? 'stock_on_hand' THEN eventshop._json_integer(changes->'stock_on_hand', 'stock_on_hand', 0, 1000000000) ELSE v_row.stock_on_hand END;
+	IF changes ? 'active' THEN
+		IF jsonb_typeof(changes->'active') IS DISTINCT FROM 'boolean' THEN
+			RAISE EXCEPTION 'active must be true or false' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+		v_active := (changes->>'active')::boolean;
+	ELSE
+		v_active := v_row.active;
+	END IF;
+	PERFORM eventshop._check_product(v_title, v_desc, v_category, v_price, v_currency, v_stock);
+	IF v_stock < v_row.reserved THEN
+		RAISE EXCEPTION 'stock_on_hand cannot be set below the units reserved by open orders'
+			USING ERRCODE = 'check_violation',
+				  DETAIL = format('%s units of %s are reserved.', v_row.reserved, v_row.sku);
+	END IF;
+
+	UPDATE eventshop.products p
+	SET title = btrim(v_title), description = v_desc, category = btrim(v_category), price_minor = v_price,
+		currency = v_currency, stock_on_hand = v_stock, active = v_active,
+		version = p.version + 1, updated_at = clock_timestamp()
+	WHERE p.id = v_row.id
+	RETURNING p.* INTO v_row;
+	RETURN eventshop._product_out(v_row);
+END
+$$;
+COMMENT ON FUNCTION eventshop.update_product(bigint, integer, jsonb) IS 'Changes a product for an authenticated administrator if it is still at expected_version; changes is a JSON object with any of title, description, category, price_minor, currency, stock_on_hand (absolute), active. Returns the product at its new version. Errors: 40001 stale version (reload and retry), 22023 unknown key or invalid value, 23514 stock below the reserved units, P0002 no such product, 28000/42501 not an authenticated administrator.';
+
+CREATE FUNCTION eventshop.get_product(sku text)
+RETURNS eventshop.product
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_row eventshop.products;
+BEGIN
+	PERFORM eventshop._check_sku(get_product.sku);
+	SELECT p.* INTO v_row FROM eventshop.products p WHERE p.sku = get_product.sku;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown SKU "%"', get_product.sku USING ERRCODE = 'no_data_found';
+	END IF;
+	RETURN eventshop._product_out(v_row);
+END
+$$;
+COMMENT ON FUNCTION eventshop.get_product(text) IS 'A product by SKU, with its available stock (no authentication needed). Errors: P0002 unknown SKU, 22023 malformed SKU.';
+
+-- Keyset pagination: rows come in a total order (rank, id) or (title, id),
+-- and a page starts strictly after the position the cursor carries, so
+-- paging never skips or repeats a row that did not change meanwhile.
+CREATE FUNCTION eventshop.search_products(query text DEFAULT NULL, category text DEFAULT NULL,
+										  page_size integer DEFAULT 20, cursor text DEFAULT NULL)
+RETURNS SETOF eventshop.product_listing
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_query		text := nullif(btrim(search_products.query), '');
+	v_tsq		tsquery;
+	v_fp		text;
+	v_after		jsonb;
+	v_rank		real;
+	v_title		text;
+	v_id		bigint;
+BEGIN
+	IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 100 THEN
+		RAISE EXCEPTION 'page_size must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF char_length(v_query) > 200 THEN
+		RAISE EXCEPTION 'query is too long' USING ERRCODE = 'invalid_parameter_value', HINT = 'Use at most 200 characters.';
+	END IF;
+	IF char_length(search_products.category) > 64 THEN
+		RAISE EXCEPTION 'invalid category' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	v_fp := left(md5(concat_ws(E'\x1f', 'products', v_query, search_products.category)), 16);
+	IF search_products.cursor IS NOT NULL THEN
+		v_after := eventshop._decode_cursor(search_products.cursor, v_fp);
+		BEGIN
+			v_id := (v_after->>'i')::bigint;
+			v_title := v_after->>'t';
+			v_rank := (v_after->>'r')::real;
+		EXCEPTION WHEN OTHERS THEN
+			v_id := NULL;
+		END;
+		IF v_id IS NULL OR (v_query IS NULL AND v_title IS NULL) OR (v_query IS NOT NULL AND v_rank IS NULL) THEN
+			RAISE EXCEPTION 'invalid cursor' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END IF;
+
+	IF v_query IS NULL THEN
+		RETURN QUERY
+		SELECT p.id, p.sku::text, p.title, p.description, p.category, p.price_minor::bigint, p.currency::text,
+			   p.stock_on_hand - p.reserved, p.version,
+			   eventshop._encode_cursor(jsonb_build_object('f', v_fp, 't', p.title, 'i', p.id))
+		FROM eventshop.products p
+		WHERE p.active
+		  AND (search_products.category IS NULL OR p.category = search_products.category)
+		  AND (v_id IS NULL OR (p.title COLLATE "C", p.id) > (v_title COLLATE "C", v_id))
+		ORDER BY p.title COLLATE "C", p.id
+		LIMIT page_size;
+		RETURN;
+	END IF;
+
+	v_tsq := websearch_to_tsquery('pg_catalog.english', v_query);
+	RETURN QUERY
+	SELECT s.id, s.sku::text, s.title, s.description, s.category, s.price_minor::bigint, s.currency::text,
+		   s.stock_on_hand - s.reserved, s.version,
+		   eventshop._encode_cursor(jsonb_build_object('f', v_fp, 'r', s.rank, 'i', s.id))
+	FROM (SELECT p.*, ts_rank(eventshop._product_document(p.sku, p.title, p.category, p.description), v_tsq) AS rank
+		  FROM eventshop.products p
+		  WHERE p.active
+			AND eventshop._product_document(p.sku, p.title, p.category, p.description) @@ v_tsq
+			AND (search_products.category IS NULL OR p.category = search_products.category)) s
+	WHERE v_id IS NULL OR s.rank < v_rank OR (s.rank = v_rank AND s.id > v_id)
+	ORDER BY s.rank DESC, s.id
+	LIMIT page_size;
+END
+$$;
+COMMENT ON FUNCTION eventshop.search_products(text, text, integer, text) IS 'Active products matching a full-text query (web search syntax, English; ranked) or all of them by title, optionally in one category, page_size (1-100) at a time. Each row carries the cursor for the page after it. No authentication needed. Errors: 22023 bad page size, query, category or cursor.';
+
+-- ---------------------------------------------------------------------------
+-- Inventory: reserve (inside place_order), release, consume, restock.
+-- ---------------------------------------------------------------------------
+
+-- Locks the products of the given orders in id order and gives their
+-- reserved units back. The caller holds the order rows.
+CREATE FUNCTION eventshop._release_stock(order_ids uuid[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM 1 FROM eventshop.products p
+	WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = ANY (order_ids))
+	ORDER BY p.id
+	FOR NO KEY UPDATE;
+	UPDATE eventshop.products p SET reserved = p.reserved - q.quantity
+	FROM (SELECT i.product_id, sum(i.quantity)::integer AS quantity
+		  FROM eventshop.order_items i WHERE i.order_id = ANY (order_ids)
+		  GROUP BY i.product_id) q
+	WHERE p.id = q.product_id;
+END
+$$;
+COMMENT ON FUNCTION eventshop._release_stock(uuid[]) IS 'Internal: releases the reservations of the given orders (locks their products in id order, then lowers reserved).';
+
+CREATE FUNCTION eventshop.expire_reservations(max_orders integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_ids	uuid[];
+	v_order	record;
+	v_count	integer := 0;
+BEGIN
+	IF max_orders IS NULL OR max_orders NOT BETWEEN 1 AND 100000 THEN
+		RAISE EXCEPTION 'max_orders must be between 1 and 100000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	-- Orders being paid or cancelled right now are skipped, not waited for:
+	-- they are no longer reserved when their transaction ends, or the next
+	-- run takes them.
+	SELECT array_agg(o.id) INTO v_ids
+	FROM (SELECT o.id FROM eventshop.orders o
+		  WHERE o.status = 'reserved' AND o.reserved_until <= (SELECT clock_timestamp())
+		  ORDER BY o.reserved_until
+		  LIMIT max_orders
+		  FOR UPDATE SKIP LOCKED) o;
+	IF v_ids IS NULL THEN
+		RETURN 0;
+	END IF;
+	PERFORM eventshop._release_stock(v_ids);
+	FOR v_order IN
+		UPDATE eventshop.orders o SET status = 'expired', updated_at = clock_timestamp()
+		WHERE o.id = ANY (v_ids)
+		RETURNING o.id, o.user_id
+	LOOP
+		PERFORM eventshop._emit_event('orders.events', v_order.id::text, 'order.expired',
+			jsonb_build_object('order_id', v_order.id, 'user_id', v_order.user_id));
+		v_count := v_count + 1;
+	END LOOP;
+	RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION eventshop.expire_reservations(integer) IS 'Expires up to max_orders reserved orders whose reserved_until has passed (skipping orders locked by others): releases their stock, sets status expired and emits order.expired for each; returns how many. Schedule with pg_cron every minute: SELECT cron.schedule(''eventshop-expire-reservations'', ''* * * * *'', ''SELECT eventshop.expire_reservations()'').';
+
+-- ---------------------------------------------------------------------------
+-- Orders
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop._uuid_v7()
+RETURNS uuid
+AS 'MODULE_PATHNAME', 'eventshop_uuid_v7'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._uuid_v7() IS 'Internal: a new UUIDv7 (RFC 9562: Unix time in milliseconds, then 74 random bits), used as order id so that ids sort by creation.';
+
+CREATE FUNCTION eventshop._parse_order_items(items jsonb, OUT skus text[], OUT quantities integer[])
+RETURNS record
+AS 'MODULE_PATHNAME', 'eventshop_parse_order_items'
+LANGUAGE C IMMUTABLE;
+COMMENT ON FUNCTION eventshop._parse_order_items(jsonb) IS 'Internal: validates the items of an order, [{"sku": ..., "quantity": 1..1000}] with no other key, 1 to 100 distinct SKUs, and returns them as aligned arrays. Errors: 22004 NULL, 22023 naming the first bad item.';
+
+-- Places an order for the authenticated user: the inventory's "reserve".
+-- Four statements: the caller's session, one that locks every product of the
+-- order in id order and reads what the checks and the snapshot need, one that
+-- reserves and writes the order with its lines, and the event. Generic plans:
+-- these run for every order with arrays whose contents do not change the
+-- best plan, so planning them again each time would be waste.
+CREATE FUNCTION eventshop.place_order(items jsonb)
+RETURNS eventshop.order_summary
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+	v_user			uuid := eventshop._require_user();
+	v_items			record;
+	v_lines			eventshop.order_line[];
+	v_ids			bigint[];
+	v_found			bigint;
+	v_currency		text;
+	v_currency_max	text;
+	v_total			numeric;
+	v_units			bigint;
+	v_active		boolean;
+	v_short			boolean;
+	v_sku			text;
+	v_available		integer;
+	v_event			uuid;
+	v_result		eventshop.order_summary;
+BEGIN
+	-- Only sku and quantity are accepted: a price or a stock level sent by
+	-- the client is refused, never used or silently dropped.
+	v_items := eventshop._parse_order_items(items);
+
+	-- The products, locked in product-id order in this one statement, so
+	-- that concurrent orders queue up on their first common product instead
+	-- of deadlocking. The aggregates run in one Agg node over one input, so
+	-- the arrays stay aligned.
+	SELECT array_agg(ROW(l.id, l.sku, l.title, l.category, l.price_minor, l.quantity)::eventshop.order_line),
+		   array_agg(l.id), count(*), min(l.currency), max(l.currency),
+		   sum(l.price_minor * l.quantity), sum(l.quantity), bool_and(l.active), bool_or(l.available < l.quantity)
+	INTO v_lines, v_ids, v_found, v_currency, v_currency_max, v_total, v_units, v_active, v_short
+	FROM (SELECT p.id, p.sku, p.title, p.category, p.price_minor, p.currency, p.active,
+				 p.stock_on_hand - p.reserved AS available,
+				 v_items.quantities[array_position(v_items.skus, p.sku::text)] AS quantity
+		  FROM eventshop.products p
+		  WHERE p.sku = ANY (v_items.skus)
+		  ORDER BY p.id
+		  FOR NO KEY UPDATE) l;
+
+	-- What is wrong, reported for the first item in the client's order.
+	IF v_found < cardinality(v_items.skus) THEN
+		SELECT u.sku INTO v_sku FROM unnest(v_items.skus) WITH ORDINALITY AS u(sku, n)
+		WHERE NOT EXISTS (SELECT FROM eventshop.products p WHERE p.sku = u.sku) ORDER BY u.n LIMIT 1;
+		RAISE EXCEPTION 'unknown SKU "%"', v_sku USING ERRCODE = 'no_data_found';
+	END IF;
+	IF NOT v_active THEN
+		SELECT u.sku INTO v_sku FROM unnest(v_items.skus) WITH ORDINALITY AS u(sku, n)
+		JOIN eventshop.products p ON p.sku = u.sku WHERE NOT p.active ORDER BY u.n LIMIT 1;
+		RAISE EXCEPTION 'product "%" is not for sale', v_sku USING ERRCODE = 'object_not_in_prerequisite_state';
+	END IF;
+	IF v_currency <> v_currency_max THEN
+		RAISE EXCEPTION 'an order cannot mix currencies' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Place one order per currency.';
+	END IF;
+	IF v_short THEN
+		SELECT u.sku, p.stock_on_hand - p.reserved INTO v_sku, v_available
+		FROM unnest(v_items.skus, v_items.quantities) WITH ORDINALITY AS u(sku, quantity, n)
+		JOIN eventshop.products p ON p.sku = u.sku
+		WHERE p.stock_on_hand - p.reserved < u.quantity ORDER BY u.n LIMIT 1;
+		RAISE EXCEPTION 'insufficient stock for SKU "%"', v_sku USING ERRCODE = 'check_violation',
+			DETAIL = format('Requested %s, available %s.',
+							v_items.quantities[array_position(v_items.skus, v_sku)], v_available);
+	END IF;
+
+	v_result := (eventshop._uuid_v7(), 'reserved', v_currency, v_total, v_found,
+				 now() + current_setting('eventshop.reservation_ttl')::interval)::eventshop.order_summary;
+	WITH reserve AS (
+		UPDATE eventshop.products p SET reserved = p.reserved + l.quantity
+		FROM unnest(v_lines) AS l
+		WHERE p.id = ANY (v_ids) AND p.id = l.product_id		-- ANY: a primary-key lookup in any plan
+	), ord AS (
+		INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor, item_count, unit_count,
+									  created_at, reserved_until, updated_at)
+		VALUES (v_result.order_id, v_user, 'reserved', v_currency, v_result.total_minor, v_found, v_units,
+				now(), v_result.reserved_until, now())
+	)
+	INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category, unit_price_minor, quantity)
+	SELECT v_result.order_id, l.product_id, l.sku, l.title, l.category, l.unit_price_minor, l.quantity
+	FROM unnest(v_lines) AS l;
+
+	-- an assignment, not PERFORM: evaluated as a simple expression, without an executor run
+	v_event := eventshop._emit_event('orders.events', v_result.order_id::text, 'order.created',
+		jsonb_build_object('order_id', v_result.order_id, 'user_id', v_user, 'status', 'reserved',
+						   'currency', v_currency, 'total_minor', v_result.total_minor, 'item_count', v_found,
+						   'unit_count', v_units, 'reserved_until', v_result.reserved_until));
+	RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in id order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.cancel_order(order_id uuid)
+RETURNS eventshop.order_summary
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user		uuid := eventshop._require_user();
+	v_admin		boolean := eventshop._is_admin(v_user);
+	v_order		eventshop.orders;
+	v_result	eventshop.order_summary;
+BEGIN
+	IF cancel_order.order_id IS NULL THEN
+		RAISE EXCEPTION 'order id is required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	SELECT o.* INTO v_order FROM eventshop.orders o
+	WHERE o.id = cancel_order.order_id AND (o.user_id = v_user OR v_admin)
+	FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'no such order' USING ERRCODE = 'no_data_found';
+	END IF;
+	IF v_order.status <> 'reserved' THEN
+		RAISE EXCEPTION 'order is % and cannot be cancelled', v_order.status
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  HINT = 'Only a reserved order can be cancelled; a paid order is refunded through the payment provider.';
+	END IF;
+	PERFORM eventshop._release_stock(ARRAY[v_order.id]);
+	UPDATE eventshop.orders o SET status = 'cancelled', updated_at = clock_timestamp() WHERE o.id = v_order.id;
+	PERFORM eventshop._emit_event('orders.events', v_order.id::text, 'order.cancelled',
+		jsonb_build_object('order_id', v_order.id, 'user_id', v_order.user_id,
+						   'by', CASE WHEN v_order.user_id = v_user THEN 'user' ELSE 'admin' END));
+	v_result := (v_order.id, 'cancelled', v_order.currency, v_order.total_minor, v_order.item_count,
+				 v_order.reserved_until)::eventshop.order_summary;
+	RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION eventshop.cancel_order(uuid) IS 'Cancels a reserved order of the authenticated user (administrators: any order) and releases its stock; emits order.cancelled. Errors: P0002 no such order (or not the caller''s), 55000 order not reserved, 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.get_order(order_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user		uuid := eventshop._require_user();
+	v_result	jsonb;
+BEGIN
+	SELECT jsonb_build_object(
+			'order_id', o.id, 'user_id', o.user_id, 'status', o.status, 'currency', o.currency,
+			'total_minor', o.total_minor, 'created_at', o.created_at, 'reserved_until', o.reserved_until,
+			'paid_at', o.paid_at, 'completed_at', o.completed_at,
+			'items', (SELECT jsonb_agg(jsonb_build_object('sku', i.sku, 'title', i.title,
+														  'unit_price_minor', i.unit_price_minor,
+														  'quantity', i.quantity,
+														  'line_total_minor', i.unit_price_minor * i.quantity)
+									   ORDER BY i.sku)
+					  FROM eventshop.order_items i WHERE i.order_id = o.id),
+			'payments', (SELECT coalesce(jsonb_agg(jsonb_build_object('payment_id', p.id, 'kind', p.kind,
+																	  'status', p.status, 'provider', p.provider,
+																	  'provider_ref', p.provider_ref,
+																	  'amount_minor', p.amount_minor,
+																	  'currency', p.currency, 'created_at', p.created_at)
+												   ORDER BY p.created_at, p.id), '[]'::jsonb)
+						 FROM eventshop.payments p WHERE p.order_id = o.id))
+	INTO v_result
+	FROM eventshop.orders o
+	WHERE o.id = get_order.order_id AND (o.user_id = v_user OR eventshop._is_admin(v_user));
+	IF v_result IS NULL THEN
+		RAISE EXCEPTION 'no such order' USING ERRCODE = 'no_data_found';
+	END IF;
+	RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION eventshop.get_order(uuid) IS 'One order of the authenticated user (administrators: any order) as JSON, with its items (snapshotted titles and prices) and payments. Errors: P0002 no such order (or not the caller''s), 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.list_orders(status text DEFAULT NULL, all_users boolean DEFAULT false,
+									  page_size integer DEFAULT 50, cursor text DEFAULT NULL)
+RETURNS SETOF eventshop.order_listing
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user		uuid := eventshop._require_user();
+	v_all		boolean := coalesce(list_orders.all_users, false);
+	v_fp		text;
+	v_after		jsonb;
+	v_id		uuid;
+BEGIN
+	IF v_all THEN
+		PERFORM eventshop._require_admin();
+	END IF;
+	IF list_orders.status IS NOT NULL
+	   AND list_orders.status NOT IN ('reserved', 'paid', 'completed', 'cancelled', 'expired', 'refunded') THEN
+		RAISE EXCEPTION 'unknown order status "%"', list_orders.status USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use reserved, paid, completed, cancelled, expired or refunded.';
+	END IF;
+	IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 100 THEN
+		RAISE EXCEPTION 'page_size must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	v_fp := left(md5(concat_ws(E'\x1f', 'orders', list_orders.status, v_all::text)), 16);
+	IF list_orders.cursor IS NOT NULL THEN
+		v_after := eventshop._decode_cursor(list_orders.cursor, v_fp);
+		BEGIN
+			v_id := (v_after->>'i')::uuid;
+		EXCEPTION WHEN OTHERS THEN
+			v_id := NULL;
+		END;
+		IF v_id IS NULL THEN
+			RAISE EXCEPTION 'invalid cursor' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END IF;
+	RETURN QUERY
+	SELECT o.id, o.user_id, o.status::text, o.currency, o.total_minor::bigint, o.item_count, o.created_at,
+		   eventshop._encode_cursor(jsonb_build_object('f', v_fp, 'i', o.id))
+	FROM eventshop.orders o
+	WHERE (v_all OR o.user_id = v_user)
+	  AND (list_orders.status IS NULL OR o.status = list_orders.status)
+	  AND (v_id IS NULL OR o.id < v_id)
+	ORDER BY o.id DESC
+	LIMIT page_size;
+END
+$$;
+COMMENT ON FUNCTION eventshop.list_orders(text, boolean, integer, text) IS 'The authenticated user''s orders, newest first, optionally with one status, page_size (1-100) at a time; all_users => true lists every user''s orders (administrators only). Each row carries the cursor for the page after it. Errors: 22023 unknown status, bad page size or cursor; 42501 all_users without the admin role; 28000 not authenticated.';
+
+-- ---------------------------------------------------------------------------
+-- Cart
+-- ---------------------------------------------------------------------------
+
+-- The product a cart function is about, with its available stock.
+CREATE FUNCTION eventshop._cart_product(sku text, OUT product_id bigint, OUT available integer)
+RETURNS record
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_active boolean;
+BEGIN
+	PERFORM eventshop._check_sku(_cart_product.sku);
+	SELECT p.id, p.stock_on_hand - p.reserved, p.active INTO product_id, available, v_active
+	FROM eventshop.products p WHERE p.sku = _cart_product.sku;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown SKU "%"', _cart_product.sku USING ERRCODE = 'no_data_found';
+	END IF;
+	IF NOT v_active THEN
+		RAISE EXCEPTION 'product "%" is not for sale', _cart_product.sku USING ERRCODE = 'object_not_in_prerequisite_state';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop._cart_product(text) IS 'Internal: id and available stock of an active product by SKU; P0002 unknown SKU, 55000 not for sale, 22004/22023 bad SKU.';
+
+CREATE FUNCTION eventshop._check_cart_quantity(sku text, quantity bigint, available integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF quantity IS NULL THEN
+		RAISE EXCEPTION 'quantity is required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF quantity NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'quantity must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF quantity > available THEN
+		RAISE EXCEPTION 'insufficient stock for SKU "%"', sku USING ERRCODE = 'check_violation',
+			DETAIL = format('Requested %s, available %s.', quantity, available);
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop._check_cart_quantity(text, bigint, integer) IS 'Internal: a cart line quantity must be 1-1000 (22023) and not above the available stock (23514).';
+
+CREATE FUNCTION eventshop.cart_add(sku text, quantity integer DEFAULT 1)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user		uuid := eventshop._require_user();
+	v_product	record;
+	v_current	integer;
+BEGIN
+	IF quantity IS NULL THEN
+		RAISE EXCEPTION 'quantity is required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF quantity NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'quantity must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	v_product := eventshop._cart_product(cart_add.sku);
+	SELECT c.quantity INTO v_current FROM eventshop.cart_items c
+	WHERE c.user_id = v_user AND c.product_id = v_product.product_id
+	FOR UPDATE;
+	IF NOT FOUND THEN
+		v_current := 0;
+		IF (SELECT count(*) FROM eventshop.cart_items c WHERE c.user_id = v_user) >= 100 THEN
+			RAISE EXCEPTION 'a cart holds at most 100 lines' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END IF;
+	PERFORM eventshop._check_cart_quantity(cart_add.sku, v_current::bigint + quantity, v_product.available);
+	INSERT INTO eventshop.cart_items AS c (user_id, product_id, quantity)
+	VALUES (v_user, v_product.product_id, v_current + quantity)
+	ON CONFLICT ON CONSTRAINT cart_items_pkey DO UPDATE SET quantity = excluded.quantity;
+	RETURN v_current + quantity;
+END
+$$;
+COMMENT ON FUNCTION eventshop.cart_add(text, integer) IS 'Adds quantity (default 1) of a product to the authenticated user''s cart and returns the line''s new quantity. Errors: 22023 quantity outside 1-1000 (also for the line) or more than 100 lines, P0002 unknown SKU, 55000 not for sale, 23514 more than the available stock, 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.cart_set_quantity(sku text, quantity integer)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user		uuid := eventshop._require_user();
+	v_product	record;
+BEGIN
+	IF quantity IS NOT NULL AND quantity = 0 THEN
+		RAISE EXCEPTION 'quantity must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use eventshop.cart_remove to remove a line.';
+	END IF;
+	v_product := eventshop._cart_product(cart_set_quantity.sku);
+	PERFORM eventshop._check_cart_quantity(cart_set_quantity.sku, quantity, v_product.available);
+	UPDATE eventshop.cart_items c SET quantity = cart_set_quantity.quantity
+	WHERE c.user_id = v_user AND c.product_id = v_product.product_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'SKU "%" is not in the cart', cart_set_quantity.sku USING ERRCODE = 'no_data_found';
+	END IF;
+	RETURN quantity;
+END
+$$;
+COMMENT ON FUNCTION eventshop.cart_set_quantity(text, integer) IS 'Sets the quantity of a line of the authenticated user''s cart. Errors: 22023 quantity outside 1-1000 (use cart_remove for 0), P0002 unknown SKU or not in the cart, 55000 not for sale, 23514 more than the available stock, 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.cart_remove(sku text)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user uuid := eventshop._require_user();
+BEGIN
+	PERFORM eventshop._check_sku(cart_remove.sku);
+	DELETE FROM eventshop.cart_items c USING eventshop.products p
+	WHERE c.user_id = v_user AND c.product_id = p.id AND p.sku = cart_remove.sku;
+	RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION eventshop.cart_remove(text) IS 'Removes a line from the authenticated user''s cart; false if it was not there. Errors: 22004/22023 bad SKU, 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.cart_clear()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user	uuid := eventshop._require_user();
+	v_count	integer;
+BEGIN
+	DELETE FROM eventshop.cart_items c WHERE c.user_id = v_user;
+	GET DIAGNOSTICS v_count = ROW_COUNT;
+	RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION eventshop.cart_clear() IS 'Empties the authenticated user''s cart; returns the number of lines removed. Errors: 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.cart_view()
+RETURNS TABLE (sku text, title text, unit_price_minor bigint, currency text, quantity integer,
+			   line_total_minor bigint, available integer, in_stock boolean)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user uuid := eventshop._require_user();
+BEGIN
+	RETURN QUERY
+	SELECT p.sku::text, p.title, p.price_minor::bigint, p.currency::text, c.quantity::integer, p.price_minor * c.quantity,
+		   p.stock_on_hand - p.reserved, p.active AND c.quantity <= p.stock_on_hand - p.reserved
+	FROM eventshop.cart_items c JOIN eventshop.products p ON p.id = c.product_id
+	WHERE c.user_id = v_user
+	ORDER BY p.sku COLLATE "C";
+END
+$$;
+COMMENT ON FUNCTION eventshop.cart_view() IS 'The authenticated user''s cart with current prices and stock: in_stock is false when the product is no longer for sale or fewer units are available than the line asks for. Errors: 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.checkout()
+RETURNS eventshop.order_summary
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_user	uuid := eventshop._require_user();
+	v_items	jsonb;
+BEGIN
+	-- Take the cart (it comes back if the order fails: everything rolls back).
+	WITH taken AS (
+		DELETE FROM eventshop.cart_items c WHERE c.user_id = v_user RETURNING c.product_id, c.quantity
+	)
+	SELECT jsonb_agg(jsonb_build_object('sku', p.sku, 'quantity', t.quantity) ORDER BY p.id) INTO v_items
+	FROM taken t JOIN eventshop.products p ON p.id = t.product_id;
+	IF v_items IS NULL THEN
+		RAISE EXCEPTION 'the cart is empty' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	RETURN eventshop.place_order(v_items);
+END
+$$;
+COMMENT ON FUNCTION eventshop.checkout() IS 'Places an order from the authenticated user''s whole cart and empties it, all or nothing (as place_order); emits order.created. Errors: 22023 empty cart or mixed currencies, 55000 product no longer for sale, 23514 insufficient stock, 28000 not authenticated.';
+
+-- ---------------------------------------------------------------------------
+-- Payments: results reported by the payment provider, recorded by the
+-- gateway (role eventshop_gateway) after verify_webhook_signature accepted
+-- the provider's callback. Idempotent by (provider, provider_ref).
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop.verify_webhook_signature(payload text, signature_header text, secret text,
+												   tolerance_seconds integer DEFAULT 300,
+												   now_epoch bigint DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventshop_verify_webhook_signature'
+LANGUAGE C VOLATILE
+SECURITY DEFINER				-- only so that the SET below applies: it reads no table
+SET search_path = pg_catalog, pg_temp
+SET log_min_error_statement = panic;	-- a failed call never logs the secret
+COMMENT ON FUNCTION eventshop.verify_webhook_signature(text, text, text, integer, bigint) IS 'Whether signature_header (Stripe format: t=<unix time>,v1=<hex>[,v1=...]) holds a v1 HMAC-SHA256 under secret of "<t>.<payload>" (compared in constant time) and t is within tolerance_seconds (default 300, at most 86400) of now_epoch (default: the current time). Anything malformed is false. Errors: 22023 tolerance out of range.';
+
+-- The stored result for a provider reference, if the same result is being
+-- recorded again; 22023 if the reference was used for something else.
+CREATE FUNCTION eventshop._payment_replay(kind text, order_id uuid, provider text, provider_ref text,
+										  status text, amount_minor bigint, currency text)
+RETURNS eventshop.payment_result
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_pay eventshop.payments;
+BEGIN
+	SELECT p.* INTO v_pay FROM eventshop.payments p
+	WHERE p.provider = _payment_replay.provider AND p.provider_ref = _payment_replay.provider_ref;
+	IF NOT FOUND THEN
+		RETURN NULL;
+	END IF;
+	IF (v_pay.kind, v_pay.order_id, v_pay.status, v_pay.amount_minor, v_pay.currency)
+	   IS DISTINCT FROM (kind, order_id, status, amount_minor, currency) THEN
+		RAISE EXCEPTION 'provider reference "%" was already recorded with different details', provider_ref
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'A provider reference identifies one result; use the provider''s id of this event.';
+	END IF;
+	RETURN (v_pay.id, v_pay.order_id, v_pay.kind, v_pay.status, v_pay.amount_minor, v_pay.currency,
+			v_pay.order_status)::eventshop.payment_result;
+END
+$$;
+COMMENT ON FUNCTION eventshop._payment_replay(text, uuid, text, text, text, bigint, text) IS 'Internal: the stored result of an identical payment or refund recorded before under this provider reference, NULL if none; 22023 if the reference was recorded with different details.';
+
+-- Records a payment (kind payment: succeeded or failed) or a refund (kind
+-- refund, succeeded) reported by the provider, and applies it to the order.
+CREATE FUNCTION eventshop._record_provider_result(kind text, order_id uuid, provider text, provider_ref text,
+												  status text, amount_minor bigint, currency text)
+RETURNS eventshop.payment_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_result	eventshop.payment_result;
+	v_order		eventshop.orders;
+	v_status	text;
+	v_event		text;
+BEGIN
+	IF order_id IS NULL OR provider IS NULL OR provider_ref IS NULL OR status IS NULL
+	   OR amount_minor IS NULL OR currency IS NULL THEN
+		RAISE EXCEPTION 'order_id, provider, provider_ref, status, amount_minor and currency are required'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF provider !~ '^[a-z0-9_-]{1,32}$' THEN
+		RAISE EXCEPTION 'invalid provider' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use 1 to 32 characters from a-z, 0-9, "_" and "-".';
+	END IF;
+	IF char_length(provider_ref) NOT BETWEEN 1 AND 255 OR provider_ref !~ '^[[:graph:]]+$' THEN
+		RAISE EXCEPTION 'invalid provider reference' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use 1 to 255 printable characters without spaces.';
+	END IF;
+	IF status NOT IN ('succeeded', 'failed') THEN
+		RAISE EXCEPTION 'invalid payment status "%"', status USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use succeeded or failed.';
+	END IF;
+	IF amount_minor < 0 OR currency !~ '^[A-Z]{3}$' THEN
+		RAISE EXCEPTION 'invalid amount or currency' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+
+	v_result := eventshop._payment_replay(kind, order_id, provider, provider_ref, status, amount_minor, currency);
+	IF v_result.payment_id IS NOT NULL THEN
+		RETURN v_result;
+	END IF;
+
+	SELECT o.* INTO v_order FROM eventshop.orders o WHERE o.id = _record_provider_result.order_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'no such order' USING ERRCODE = 'no_data_found';
+	END IF;
+	-- A concurrent call with the same reference may have committed while we
+	-- waited for the order: look again now that we hold it.
+	v_result := eventshop._payment_replay(kind, order_id, provider, provider_ref, status, amount_minor, currency);
+	IF v_result.payment_id IS NOT NULL THEN
+		RETURN v_result;
+	END IF;
+
+	IF amount_minor <> v_order.total_minor OR currency <> v_order.currency THEN
+		RAISE EXCEPTION 'the % does not match the order', CASE kind WHEN 'refund' THEN 'refund' ELSE 'payment' END
+			USING ERRCODE = 'invalid_parameter_value',
+				  DETAIL = format('Got %s %s; the order total is %s %s.', amount_minor, currency,
+								  v_order.total_minor, v_order.currency),
+				  HINT = CASE kind WHEN 'refund' THEN 'Only full refunds are supported.'
+						 ELSE 'The provider must charge exactly the order total.' END;
+	END IF;
+
+	IF kind = 'payment' THEN
+		IF v_order.status <> 'reserved' THEN
+			RAISE EXCEPTION '%', CASE WHEN v_order.status IN ('paid', 'completed', 'refunded')
+									  THEN 'order is already paid'
+									  ELSE format('order is %s and cannot be paid', v_order.status) END
+				USING ERRCODE = 'object_not_in_prerequisite_state',
+					  DETAIL = format('The order is %s.', v_order.status),
+					  HINT = 'Refund the payment through the provider.';
+		END IF;
+		IF v_order.reserved_until <= clock_timestamp() THEN
+			RAISE EXCEPTION 'order reservation has expired and the order cannot be paid'
+				USING ERRCODE = 'object_not_in_prerequisite_state',
+					  HINT = 'Refund the payment through the provider.';
+		END IF;
+		IF status = 'succeeded' THEN
+			-- Consume the reservation: the units leave the stock for good.
+			PERFORM 1 FROM eventshop.products p
+			WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = v_order.id)
+			ORDER BY p.id
+			FOR NO KEY UPDATE;
+			UPDATE eventshop.products p
+			SET stock_on_hand = p.stock_on_hand - i.quantity, reserved = p.reserved - i.quantity,
+				version = p.version + 1, updated_at = clock_timestamp()
+			FROM eventshop.order_items i
+			WHERE i.order_id = v_order.id AND p.id = i.product_id;
+			UPDATE eventshop.orders o SET status = 'paid', paid_at = clock_timestamp(), updated_at = clock_timestamp()
+			WHERE o.id = v_order.id;
+			UPDATE eventshop.orders o SET status = 'completed', completed_at = clock_timestamp(), updated_at = clock_timestamp()
+			WHERE o.id = v_order.id;
+			v_status := 'completed';
+			v_event := 'payment.succeeded';
+		ELSE
+			v_status := 'reserved';
+			v_event := 'payment.failed';
+		END IF;
+	ELSE
+		IF v_order.status <> 'completed' THEN
+			RAISE EXCEPTION '%', CASE WHEN v_order.status = 'refunded' THEN 'order is already refunded'
+									  ELSE format('order is %s and cannot be refunded', v_order.status) END
+				USING ERRCODE = 'object_not_in_prerequisite_state';
+		END IF;
+		-- Restock: the units come back to the shelf.
+		PERFORM 1 FROM eventshop.products p
+		WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = v_order.id)
+		ORDER BY p.id
+		FOR NO KEY UPDATE;
+		UPDATE eventshop.products p
+		SET stock_on_hand = p.stock_on_hand + i.quantity, version = p.version + 1, updated_at = clock_timestamp()
+		FROM eventshop.order_items i
+		WHERE i.order_id = v_order.id AND p.id = i.product_id;
+		UPDATE eventshop.orders o SET status = 'refunded', updated_at = clock_timestamp() WHERE o.id = v_order.id;
+		v_status := 'refunded';
+		v_event := 'payment.refunded';
+	END IF;
+
+	v_result := (gen_random_uuid(), v_order.id, kind, status, amount_minor, currency, v_status)::eventshop.payment_result;
+	INSERT INTO eventshop.payments AS p (id, order_id, kind, provider, provider_ref, status, amount_minor, currency,
+										 order_status)
+	VALUES (v_result.payment_id, v_order.id, kind, provider, provider_ref, status, amount_minor, currency, v_status)
+	ON CONFLICT ON CONSTRAINT payments_provider_ref_key DO NOTHING;
+	IF NOT FOUND THEN
+		-- recorded concurrently for another order: the details differ
+		RAISE EXCEPTION 'provider reference "%" was already recorded with different details', provider_ref
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM eventshop._emit_event('payments.events', v_order.id::text, v_event,
+		jsonb_build_object('order_id', v_order.id, 'user_id', v_order.user_id, 'payment_id', v_result.payment_id,
+						   'provider', provider, 'provider_ref', provider_ref,
+						   'amount_minor', amount_minor, 'currency', currency));
+	IF v_status = 'completed' THEN
+		PERFORM eventshop._emit_event('orders.events', v_order.id::text, 'order.completed',
+			jsonb_build_object('order_id', v_order.id, 'user_id', v_order.user_id,
+							   'currency', v_order.currency, 'total_minor', v_order.total_minor));
+	END IF;
+	RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION eventshop._record_provider_result(text, uuid, text, text, text, bigint, text) IS 'Internal: records a payment or refund result once per provider reference and applies it to the order (consume or restock stock, status change, events).';
+
+CREATE FUNCTION eventshop.record_payment(order_id uuid, provider text, provider_ref text, status text,
+										 amount_minor bigint, currency text)
+RETURNS eventshop.payment_result
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT eventshop._record_provider_result('payment', order_id, provider, provider_ref, status, amount_minor, currency)
+$$;
+COMMENT ON FUNCTION eventshop.record_payment(uuid, text, text, text, bigint, text) IS 'For the payment gateway (eventshop_gateway) and operators: records the provider''s payment result for an order, once per (provider, provider_ref) - the same call again returns the same result and changes nothing. succeeded: consumes the reservation (stock leaves), order reserved -> paid -> completed, emits payment.succeeded and order.completed; failed: the order stays reserved, emits payment.failed. Errors: 22023 amount or currency differs from the order, reference reused with other details, invalid input; 55000 order not reserved (cancelled, expired, already paid) or past reserved_until; P0002 no such order.';
+
+CREATE FUNCTION eventshop.record_refund(order_id uuid, provider text, provider_ref text, amount_minor bigint,
+										currency text)
+RETURNS eventshop.payment_result
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT eventshop._record_provider_result('refund', order_id, provider, provider_ref, 'succeeded', amount_minor, currency)
+$$;
+COMMENT ON FUNCTION eventshop.record_refund(uuid, text, text, bigint, text) IS 'For the payment gateway (eventshop_gateway) and operators: records the provider''s full refund of a completed order, once per (provider, provider_ref); restocks its units, order completed -> refunded, emits payment.refunded. Errors: 22023 partial amount or other currency, reference reused with other details; 55000 order not completed (or already refunded); P0002 no such order.';
+
+-- ---------------------------------------------------------------------------
+-- Admin reports (seed 003's dashboard). Days are UTC days; sales are orders
+-- completed (paid) in the range and not refunded since.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop._check_date_range(from_date date, to_date date)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF from_date IS NULL OR to_date IS NULL THEN
+		RAISE EXCEPTION 'from_date and to_date are required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF from_date > to_date OR to_date - from_date > 366 OR from_date = '-infinity' OR to_date = 'infinity' THEN
+		RAISE EXCEPTION 'invalid date range' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'from_date <= to_date, at most 367 days.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop._check_date_range(date, date) IS 'Internal: a report''s date range must be given, ordered and at most 367 days long (22004, 22023).';
+
+CREATE FUNCTION eventshop.sales_by_day(from_date date, to_date date)
+RETURNS TABLE (day date, currency text, orders bigint, units bigint, revenue_minor bigint)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM eventshop._require_admin();
+	PERFORM eventshop._check_date_range(from_date, to_date);
+	RETURN QUERY
+	SELECT (o.completed_at AT TIME ZONE 'UTC')::date AS d, o.currency AS c, count(*), sum(o.unit_count)::bigint,
+		   sum(o.total_minor)::bigint
+	FROM eventshop.orders o
+	WHERE o.status = 'completed'
+	  AND o.completed_at >= (from_date::timestamp AT TIME ZONE 'UTC')
+	  AND o.completed_at < ((to_date + 1)::timestamp AT TIME ZONE 'UTC')
+	GROUP BY 1, 2
+	ORDER BY 1, 2;
+END
+$$;
+COMMENT ON FUNCTION eventshop.sales_by_day(date, date) IS 'For an authenticated administrator: per UTC day and currency, the number of completed (not refunded) orders, units sold and revenue in minor units, from_date to to_date inclusive (days without sales are absent). Errors: 22004/22023 bad range, 28000/42501 not an authenticated administrator.';
+
+CREATE FUNCTION eventshop.sales_by_category(from_date date, to_date date)
+RETURNS TABLE (category text, currency text, orders bigint, units bigint, revenue_minor bigint)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM eventshop._require_admin();
+	PERFORM eventshop._check_date_range(from_date, to_date);
+	RETURN QUERY
+	SELECT coalesce(i.category, '(none)') AS c, o.currency AS cur, count(DISTINCT o.id), sum(i.quantity)::bigint,
+		   sum(i.unit_price_minor * i.quantity)::bigint
+	FROM eventshop.orders o JOIN eventshop.order_items i ON i.order_id = o.id
+	WHERE o.status = 'completed'
+	  AND o.completed_at >= (from_date::timestamp AT TIME ZONE 'UTC')
+	  AND o.completed_at < ((to_date + 1)::timestamp AT TIME ZONE 'UTC')
+	GROUP BY 1, 2
+	ORDER BY coalesce(i.category, '(none)') COLLATE "C", o.currency;
+END
+$$;
+COMMENT ON FUNCTION eventshop.sales_by_category(date, date) IS 'For an authenticated administrator: per product category (as snapshotted in the order; ''(none)'' without one) and currency, the number of completed (not refunded) orders, units sold and revenue in minor units, completed from_date to to_date inclusive (UTC). Errors: 22004/22023 bad range, 28000/42501 not an authenticated administrator.';
 
 -- ---------------------------------------------------------------------------
 -- Dispatcher: consumer progress, inbox, templates and the notification queue.
@@ -1475,7 +2915,8 @@ BEGIN
 		-- recipients come from the account, never from the event's masked data
 		IF v_user.id IS NULL THEN
 			SELECT u.* INTO v_user FROM eventshop.users u
-			WHERE u.id::text = v_event->>'subject';
+			WHERE u.id = CASE WHEN v_event->>'subject' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+							  THEN (v_event->>'subject')::uuid END;
 			IF NOT FOUND THEN
 				EXIT;
 			END IF;
@@ -1503,7 +2944,8 @@ AS $$
 	SET attempts = n.attempts + 1,
 		next_attempt_at = clock_timestamp() + make_interval(secs => lease_seconds)
 	WHERE n.id IN (SELECT d.id FROM eventshop.notifications d
-				   WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
+				   -- (SELECT ...): evaluated once, so notifications_due_idx can be used
+				   WHERE d.status = 'pending' AND d.next_attempt_at <= (SELECT clock_timestamp())
 				   ORDER BY d.next_attempt_at
 				   LIMIT batch_size
 				   FOR UPDATE SKIP LOCKED)
@@ -1606,6 +3048,13 @@ RETURNS record
 AS 'MODULE_PATHNAME', 'eventshop_generate_signing_key'
 LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION eventshop._generate_signing_key(text) IS 'Internal: a new RS256 (RSA-2048), ES256 (P-256) or EdDSA (Ed25519) key pair: its thumbprint kid, public JWK and sealed private key. Stores nothing.';
+
+CREATE FUNCTION eventshop._signing_key_cache(OUT kid text, OUT alg text, OUT has_public_key boolean,
+											 OUT has_private_key boolean)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'eventshop_signing_key_cache'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION eventshop._signing_key_cache() IS 'Internal: the signing keys this backend holds parsed, and whether it holds their public and private halves (only the active key of an algorithm keeps its private half).';
 
 CREATE FUNCTION eventshop._jwt_sign(claims jsonb, alg text DEFAULT NULL)
 RETURNS text
@@ -1746,7 +3195,7 @@ AS $$
 	FROM eventshop.signing_keys k
 	WHERE k.state IN ('active', 'standby')
 	   OR (k.state = 'retired'
-		   AND k.retired_at > clock_timestamp() - current_setting('eventshop.access_token_ttl')::interval)
+		   AND k.retired_at > (SELECT clock_timestamp()) - current_setting('eventshop.access_token_ttl')::interval)
 $$;
 COMMENT ON FUNCTION eventshop.jwks() IS 'The JSON Web Key Set (RFC 7517) of the public signing keys: active, standby, and retired less than eventshop.access_token_ttl ago. Serve it at /.well-known/jwks.json.';
 
@@ -1775,4 +3224,24 @@ GRANT EXECUTE ON FUNCTION eventshop.login_throttle_status(), eventshop.password_
 GRANT EXECUTE ON FUNCTION eventshop.jwks() TO eventshop_app, eventshop_admin;
 GRANT EXECUTE ON FUNCTION eventshop.create_signing_key(text), eventshop.rotate_signing_keys(text),
 	eventshop.revoke_signing_key(text) TO eventshop_admin;
+-- Orders: catalog, cart and orders for applications (administrative functions
+-- check the authenticated user's admin role themselves). Payment results come
+-- only from the gateway (after verify_webhook_signature) or operators, never
+-- from applications; expiry is for operators and pg_cron.
+GRANT EXECUTE ON FUNCTION
+	eventshop.create_product(text, text, bigint, text, integer, text, text),
+	eventshop.update_product(bigint, integer, jsonb), eventshop.get_product(text),
+	eventshop.search_products(text, text, integer, text),
+	eventshop.cart_add(text, integer), eventshop.cart_set_quantity(text, integer), eventshop.cart_remove(text),
+	eventshop.cart_clear(), eventshop.cart_view(), eventshop.checkout(),
+	eventshop.place_order(jsonb), eventshop.cancel_order(uuid), eventshop.get_order(uuid),
+	eventshop.list_orders(text, boolean, integer, text),
+	eventshop.sales_by_day(date, date), eventshop.sales_by_category(date, date)
+	TO eventshop_app, eventshop_admin;
+GRANT EXECUTE ON FUNCTION
+	eventshop.record_payment(uuid, text, text, text, bigint, text),
+	eventshop.record_refund(uuid, text, text, bigint, text),
+	eventshop.verify_webhook_signature(text, text, text, integer, bigint)
+	TO eventshop_gateway, eventshop_admin;
+GRANT EXECUTE ON FUNCTION eventshop.expire_reservations(integer) TO eventshop_admin;
 GRANT SELECT ON eventshop.outbox_status, eventshop.notification_status TO eventshop_admin, pg_monitor;

@@ -11,7 +11,7 @@ CREATE ROLE regress_app NOLOGIN IN ROLE eventshop_app;
 CREATE ROLE regress_admin NOLOGIN IN ROLE eventshop_admin;
 CREATE ROLE regress_nobody NOLOGIN;
 
-SELECT plan(83);
+SELECT plan(84);
 
 SELECT is_member_of('eventshop_app', 'regress_app', 'regress_app is an eventshop_app');
 SELECT is_member_of('eventshop_admin', 'regress_admin', 'regress_admin is an eventshop_admin');
@@ -39,7 +39,23 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.set_user_roles(uuid,text[])',
                     'eventshop.current_user_id()',
                     'eventshop.current_roles()',
-                    'eventshop.current_session_id()'],
+                    'eventshop.current_session_id()',
+                    'eventshop.create_product(text,text,bigint,text,integer,text,text)',
+                    'eventshop.update_product(bigint,integer,jsonb)',
+                    'eventshop.get_product(text)',
+                    'eventshop.search_products(text,text,integer,text)',
+                    'eventshop.place_order(jsonb)',
+                    'eventshop.cancel_order(uuid)',
+                    'eventshop.get_order(uuid)',
+                    'eventshop.list_orders(text,boolean,integer,text)',
+                    'eventshop.cart_add(text,integer)',
+                    'eventshop.cart_set_quantity(text,integer)',
+                    'eventshop.cart_remove(text)',
+                    'eventshop.cart_clear()',
+                    'eventshop.cart_view()',
+                    'eventshop.checkout()',
+                    'eventshop.sales_by_day(date,date)',
+                    'eventshop.sales_by_category(date,date)'],
               'eventshop_app may execute the API functions and nothing else in the schema');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace
@@ -207,5 +223,14 @@ SELECT is((SELECT count(*) FROM eventshop.users WHERE email = 'priv.app@example.
           'the application''s registration was stored');
 SELECT is((SELECT count(*) FROM eventshop.outbox), 1::bigint,
           'and emitted exactly one event');
+
+-- The payment gateway records what the provider reports, and nothing else.
+SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
+                WHERE p.pronamespace = 'eventshop'::regnamespace
+                  AND has_function_privilege('eventshop_gateway', p.oid, 'EXECUTE')$$,
+              ARRAY['eventshop.record_payment(uuid,text,text,text,bigint,text)',
+                    'eventshop.record_refund(uuid,text,text,bigint,text)',
+                    'eventshop.verify_webhook_signature(text,text,text,integer,bigint)'],
+              'eventshop_gateway may record payment results and check webhook signatures, nothing else');
 
 SELECT * FROM finish();

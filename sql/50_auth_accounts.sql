@@ -12,7 +12,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(310);
+SELECT plan(360);
 
 CREATE ROLE regress_auth_app NOLOGIN IN ROLE eventshop_app;
 CREATE ROLE regress_auth_ops NOLOGIN IN ROLE eventshop_admin;
@@ -41,6 +41,19 @@ EXCEPTION WHEN OTHERS THEN
 	RETURN SQLSTATE;
 END
 $$;
+-- Runs _login_throttle_begin n times; one 'refused/locked_seconds/source_lock' triple per attempt.
+CREATE FUNCTION regress_auth.admit(account text, source text, n integer) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+	r record;
+	v text[] := '{}';
+BEGIN
+	FOR i IN 1..n LOOP
+		SELECT * INTO r FROM eventshop._login_throttle_begin(account, source);
+		v := v || format('%s/%s/%s', r.wait_seconds > 0, r.locked_seconds, r.source_lock IS NOT NULL);
+	END LOOP;
+	RETURN array_to_string(v, ' ');
+END
+$$;
 -- Every password and token used below; none may appear in any event.
 CREATE TABLE regress_auth.secrets (kind text NOT NULL, secret text NOT NULL);
 GRANT INSERT, SELECT ON regress_auth.secrets TO PUBLIC;
@@ -50,6 +63,14 @@ SELECT eventshop._login_throttle_clear() >= 0 AS throttle_cleared \gset
 SELECT eventshop.flush_security_events() >= 0 AS flushed \gset
 SELECT ok(eventshop.rotate_signing_keys() IS NOT NULL, 'an RS256 signing key is active');
 SELECT count(*) AS outbox_start FROM eventshop.outbox \gset
+-- Failed logins that checked a password last at least
+-- eventshop.login_failure_min_duration (t/003_auth.pl reports the timings);
+-- here the padding would only slow the suite down.
+SELECT is(current_setting('eventshop.login_failure_min_duration'), '250ms', 'failed logins are padded to 250 ms by default');
+SET ROLE regress_auth_app;
+SELECT throws_ok($$SET eventshop.login_failure_min_duration = 0$$, '42501', NULL, 'an application cannot shorten the padding');
+RESET ROLE;
+SET eventshop.login_failure_min_duration = 0;
 
 -- ---------------------------------------------------------------------------
 -- Schema: columns, tables, functions
@@ -156,6 +177,14 @@ SELECT lives_ok($$SELECT * FROM eventshop.login('alice.auth@example.com', 'alice
 RESET ROLE;
 SELECT is((SELECT count(*) FROM eventshop.sessions WHERE source LIKE '%DROP TABLE%'), 1::bigint,
           'the injected source was stored verbatim');
+-- After the password matched, login reads the account again with a row lock
+-- held until commit, so a concurrent reset, change or block either wins
+-- (the login fails) or waits and then ends the new session (t/003_auth.pl).
+BEGIN;
+SELECT session_id AS locked_session FROM eventshop.login('alice.auth@example.com', 'alice first passphrase') \gset
+SELECT is((SELECT xmax::text FROM eventshop.users WHERE id = :'alice_id'), pg_current_xact_id()::xid::text,
+          'a successful login keeps the account row locked until its transaction ends');
+ROLLBACK;
 SELECT is(regress_auth.error_of($$SELECT eventshop.login('nobody.auth@example.com', 'some passphrase')$$),
           regress_auth.error_of($$SELECT eventshop.login('bob.auth@example.com', 'some passphrase')$$),
           'unknown address and wrong password fail identically (SQLSTATE, message, detail)');
@@ -171,6 +200,43 @@ SELECT throws_ok($$SELECT eventshop._verify_password('x', '$2b$31$abcdefghijklmn
                  'stored bcrypt hash has a cost above 16', 'an absurd bcrypt cost is refused, not computed');
 SELECT throws_ok($$SELECT eventshop._verify_password('x', '$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g')$$,
                  '22023', 'stored argon2id hash has parameters above the supported limits', 'a 4 GiB argon2id hash is refused, not computed');
+-- Stored argon2id hashes are parsed strictly and bounded before anything is
+-- computed: a missing v= no longer skips the bounds, lanes are bounded (and
+-- computed in one thread), and the error names no part of the hash.
+SELECT throws_ok(format('SELECT eventshop._verify_password(%L, %L)', 'x', h), '22023', e, 'a stored argon2id hash is refused: ' || why)
+FROM (VALUES
+	('$argon2id$m=2048,t=100,p=32$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'without v= (t=100, p=32)'),
+	('$argon2id$v=19$m=2048,t=2,p=32$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 'p=32'),
+	('$argon2id$v=19$m=2048,t=100,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 't=100'),
+	('$argon2id$v=19$m=2048,t=99999999999999999999999,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 't beyond 64 bits'),
+	('$argon2id$v=19$m=2048,t=0,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 't=0'),
+	('$argon2id$v=16$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 'version 16'),
+	('$argon2id$v=19$m=16,t=2,p=4$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 'less than 8 KiB per lane'),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash has parameters above the supported limits', 'a 4-byte salt'),
+	('$argon2id$v=19$m=2048,t=-1,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'a negative t'),
+	('$argon2id$v=19$m=+2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'a signed m'),
+	('$argon2id$v=19$m= 2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'a space before m'),
+	('$argon2id$v=19$m=02048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'a leading zero'),
+	('$argon2id$v=19$t=2,m=2048,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'parameters out of order'),
+	('$argon2id$v=19$m=2048,t=2$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'without p='),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA', 'stored argon2id hash is malformed', 'without a hash'),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA$x', 'stored argon2id hash is malformed', 'a trailing field'),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'padded base64'),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA-', 'stored argon2id hash is malformed', 'a character outside base64'),
+	('$argon2id$v=19$m=2048,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdB$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', 'stored argon2id hash is malformed', 'stray bits in the base64')
+) AS v(h, e, why);
+SELECT is(position('c2FsdHNh' IN regress_auth.error_of($$SELECT eventshop._verify_password('x', '$argon2id$v=19$m=2048,t=2,p=32$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA')$$)
+                   || regress_auth.error_of($$SELECT eventshop._verify_password('x', '$argon2id$m=2048$c2FsdHNhbHRzYWx0c2FsdA$AAAA')$$)),
+          0, 'the errors name no part of the stored hash');
+-- hashes made by libargon2 itself with 2 and 4 lanes verify, computed in one thread
+SELECT is(eventshop._verify_password('lanes passphrase', '$argon2id$v=19$m=256,t=2,p=2$Zml4ZWRzYWx0X2Zvcl90IQ$nhcl21kbR0AmDsUyzVZfpLei5SdNu7/z7yvStwecVtU'),
+          true, 'an argon2id hash with p=2 verifies');
+SELECT is(eventshop._verify_password('lanes passphrase', '$argon2id$v=19$m=256,t=2,p=4$Zml4ZWRzYWx0X2Zvcl90IQ$mJixxVwneGUVujbVVGOxLLHsgu6GUv390rc67/794Tw'),
+          true, 'an argon2id hash with p=4 verifies');
+SELECT is(eventshop._verify_password('lanes passphrase!', '$argon2id$v=19$m=256,t=2,p=4$Zml4ZWRzYWx0X2Zvcl90IQ$mJixxVwneGUVujbVVGOxLLHsgu6GUv390rc67/794Tw'),
+          false, 'and refuses a wrong password');
+SELECT is(eventshop._password_needs_rehash('$argon2id$v=19$m=256,t=2,p=2$Zml4ZWRzYWx0X2Zvcl90IQ$nhcl21kbR0AmDsUyzVZfpLei5SdNu7/z7yvStwecVtU'),
+          true, 'and is replaced at the next login');
 SELECT is(eventshop._password_needs_rehash('$2b$04$abcdefghijklmnopqrstuudYGqlufIHPaQi3SKGnqXvz2AXUDV2eq'), true, 'bcrypt hashes need rehashing');
 SELECT is(eventshop._password_needs_rehash((SELECT password_hash FROM eventshop.users WHERE id = :'bob_id')), false,
           'a current argon2id hash does not');
@@ -263,6 +329,27 @@ ROLLBACK;
 SELECT is(:'flushed_in_rollback'::int, 1, 'a flush took the queued event');
 SELECT is((SELECT deferred_events FROM eventshop.login_throttle_status()), 1, 'and got it back when its transaction rolled back');
 SELECT is(eventshop.flush_security_events(), 1, 'the next flush writes it');
+-- login and refresh leave queued events to the relay worker: a bogus call
+-- no longer flushes (and rolls back) the whole queue
+SET ROLE regress_auth_app;
+SELECT regress_auth.try_login('bob.auth@example.com', 'bob wrong passphrase') AS bob_fail \gset
+RESET ROLE;
+SELECT deferred_events AS queued FROM eventshop.login_throttle_status() \gset
+BEGIN;
+SELECT n_tup_ins AS outbox_ins FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.outbox'::regclass \gset
+SET LOCAL ROLE regress_auth_app;
+SELECT regress_auth.try_login('not-an-address', 'x') AS malformed \gset
+SELECT regress_auth.error_of($$SELECT * FROM eventshop.refresh('bogus')$$) AS bogus_refresh \gset
+RESET ROLE;
+SELECT is((SELECT n_tup_ins FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.outbox'::regclass), :'outbox_ins'::bigint,
+          'a malformed login and a bogus refresh write nothing to the outbox, not even rolled back');
+COMMIT;
+SET ROLE regress_auth_app;
+SELECT lives_ok($$SELECT * FROM eventshop.login('bob.auth@example.com', 'bob first passphrase')$$, 'bob logs in');
+RESET ROLE;
+SELECT is((SELECT deferred_events FROM eventshop.login_throttle_status()), :'queued'::integer,
+          'and the queued events are still queued, for the relay worker');
+SELECT is(eventshop.flush_security_events(), :'queued'::integer, 'flush_security_events() still writes them');
 -- per source: 50 failures from one address lock that source for every account
 SET ROLE regress_auth_app;
 SELECT string_agg(DISTINCT regress_auth.try_login('not-an-address-' || g, 'x', '198.51.100.7'), ',') AS src_guesses
@@ -272,7 +359,26 @@ SELECT throws_ok($$SELECT * FROM eventshop.login('bob.auth@example.com', 'bob fi
                  'too many failed login attempts', 'lock the source out, even with a right password');
 SELECT lives_ok($$SELECT * FROM eventshop.login('bob.auth@example.com', 'bob first passphrase', '198.51.100.8')$$,
                 'while other sources may still log in');
+SELECT throws_ok($$SELECT * FROM eventshop.login('not-an-address', 'x', '198.51.100.7')$$, '28000',
+                 'too many failed login attempts', 'and malformed input from the locked source gets the lockout error too');
 RESET ROLE;
+SELECT is((SELECT tracked_sources FROM eventshop.login_throttle_status()), 2::bigint,
+          'sources are tracked in a table of their own (addresses cannot be pushed out by them)');
+-- One atomic step admits an attempt: refused while locked, otherwise counted
+-- before the password is checked, so that concurrent guesses cannot overtake
+-- the lockout (t/003_auth.pl runs 20 at once).
+SELECT eventshop._login_throttle_clear() >= 0 AS cleared \gset
+SELECT is(regress_auth.admit('admit.auth@example.com', NULL, 7), 'f/0/f f/0/f f/0/f f/0/f f/60/f t/0/f t/0/f',
+          'the fifth attempt is admitted and starts the lockout; later ones are refused and not counted');
+SELECT eventshop._login_throttle_success('admit.auth@example.com') IS NULL AS cleared \gset
+SELECT is(regress_auth.admit('admit.auth@example.com', NULL, 1), 'f/0/f', 'a success clears the address');
+SELECT is(regress_auth.admit(NULL, '203.0.113.99', 49), array_to_string(array_fill('f/0/f'::text, ARRAY[49]), ' '),
+          '49 attempts from a source');
+SELECT * FROM eventshop._login_throttle_begin(NULL, '203.0.113.99') \gset src50_
+SELECT ok(:'src50_wait_seconds' = '0' AND :'src50_source_lock' <> '', 'the 50th is admitted and starts the source''s lockout');
+SELECT eventshop._login_throttle_success(NULL, '203.0.113.99', :'src50_source_lock') IS NULL AS ok \gset
+SELECT is(regress_auth.admit(NULL, '203.0.113.99', 2), 'f/0/t t/0/f',
+          'a successful login takes back its own attempt from the source, lockout included, and no more');
 SELECT eventshop._login_throttle_clear() >= 0 AS cleared \gset
 
 -- ---------------------------------------------------------------------------
@@ -624,8 +730,18 @@ RESET ROLE;
 SELECT is((SELECT count(*) FROM eventshop.outbox WHERE id > 0 AND event_type = 'password.reset_requested'
            AND message_key IN (:'alice_id', :'bob_id')), 2::bigint, 'existing accounts got password.reset_requested');
 SELECT is((SELECT count(*) FROM eventshop.outbox) - :outbox_before_reset, 2::bigint, 'unknown addresses got no event');
-SELECT is((SELECT count(*) FROM eventshop.account_tokens WHERE purpose = 'password_reset' AND user_id IS NULL), 2::bigint,
-          'but the same work: a decoy row each, that can never be redeemed');
+SELECT is((SELECT count(*) FROM eventshop.account_tokens WHERE purpose = 'password_reset' AND user_id IS NULL), 0::bigint,
+          'and left no decoy row behind');
+BEGIN;
+SELECT n_tup_ins AS tok_ins, n_tup_del AS tok_del FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.account_tokens'::regclass \gset
+SET LOCAL ROLE regress_auth_app;
+SELECT eventshop.request_password_reset('nobody.third@example.com') AS nothing \gset
+RESET ROLE;
+SELECT is((SELECT (n_tup_ins - :tok_ins) || ' inserted, ' || (n_tup_del - :tok_del) || ' deleted'
+           FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.account_tokens'::regclass), '1 inserted, 1 deleted',
+          'but did the same work: a decoy row inserted and deleted again');
+SELECT ok(pg_current_xact_id_if_assigned() IS NOT NULL, 'so the request''s commit writes, as for an existing account');
+COMMIT;
 SELECT is((SELECT expires_at - created_at FROM eventshop.account_tokens WHERE user_id = :'alice_id' AND purpose = 'password_reset'),
           interval '30 minutes', 'reset tokens expire after eventshop.password_reset_ttl (30 min)');
 SELECT eventshop._open_sealed(payload->'data'->>'sealed_token') AS alice_reset FROM eventshop.outbox
@@ -716,6 +832,21 @@ RESET ROLE;
 SELECT ok((SELECT email_verified_at IS NOT NULL FROM eventshop.users WHERE id = :'bob_id'), 'the address is verified');
 SELECT is((SELECT count(*) FROM eventshop.outbox WHERE message_key = :'bob_id' AND event_type = 'email.verified'), 1::bigint,
           'email.verified was emitted');
+-- The caller is looked up once, by primary key: a volatile call in the WHERE
+-- clause ran per row, in a sequential scan (with enable_seqscan off, only a
+-- query that cannot use the index still scans the table).
+BEGIN;
+SET LOCAL enable_seqscan = off;
+SET LOCAL ROLE regress_auth_app;
+SELECT (eventshop.authenticate(:'b10_access_token')).user_id AS ignored \gset
+RESET ROLE;
+SELECT seq_scan AS users_seq FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.users'::regclass \gset
+SET LOCAL ROLE regress_auth_app;
+SELECT eventshop.request_email_verification() AS again \gset
+RESET ROLE;
+SELECT is((SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.users'::regclass), :'users_seq'::bigint,
+          'request_email_verification finds the caller through the primary key');
+ROLLBACK;
 
 -- ---------------------------------------------------------------------------
 -- Administration
@@ -840,7 +971,8 @@ SELECT throws_ok(format('SELECT * FROM eventshop.%I', t), '42501', format('permi
                  'applications cannot read ' || t)
 FROM unnest(ARRAY['sessions', 'refresh_tokens', 'account_tokens']) AS t;
 SELECT throws_ok(format('SELECT eventshop.%s', f), '42501', NULL, 'applications cannot call ' || f)
-FROM unnest(ARRAY['_login_throttle_clear()', '_login_throttle_failure(''a'', ''b'')', '_defer_event(''k'', ''t'', ''{}'')',
+FROM unnest(ARRAY['_login_throttle_clear()', '_login_throttle_begin(''a'', ''b'')', '_login_throttle_success(''a'')',
+				  '_defer_event(''k'', ''t'', ''{}'')', '_signing_key_cache()',
 				  '_claim_deferred_events()', '_dummy_verify_password(''x'')', '_clear_auth_context()',
 				  '_issue_tokens(NULL, NULL, NULL, 1)']) AS f;
 RESET ROLE;
@@ -850,12 +982,47 @@ SELECT lives_ok($$SELECT * FROM eventshop.login_throttle_status()$$, 'and read t
 RESET ROLE;
 UPDATE eventshop.sessions SET revoked_at = clock_timestamp() - interval '2 days' WHERE revoked_at IS NOT NULL;
 SELECT count(*) AS ended_sessions FROM eventshop.sessions WHERE revoked_at IS NOT NULL \gset
+-- decoy rows that older versions left behind go at once, whatever their age
+INSERT INTO eventshop.account_tokens (token_hash, user_id, purpose, email, created_at, expires_at)
+VALUES (eventshop._token_hash(eventshop._random_token(32)), NULL, 'password_reset', NULL, clock_timestamp(), clock_timestamp() + interval '30 minutes');
+BEGIN;
+SET LOCAL enable_seqscan = off;
+SELECT seq_scan AS tok_seq FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.account_tokens'::regclass \gset
+SELECT eventshop.purge_expired_auth_data() AS purged \gset
+SELECT is((SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'eventshop.account_tokens'::regclass), :'tok_seq'::bigint,
+          'purge_expired_auth_data finds expired tokens and decoys through indexes');
+ROLLBACK;
 SET ROLE regress_auth_ops;
-SELECT ok(eventshop.purge_expired_auth_data() >= :ended_sessions, 'purge_expired_auth_data deletes sessions that ended long ago');
+SELECT ok(eventshop.purge_expired_auth_data() >= :ended_sessions + 1, 'purge_expired_auth_data deletes sessions that ended long ago');
 RESET ROLE;
+SELECT is((SELECT count(*) FROM eventshop.account_tokens WHERE user_id IS NULL), 0::bigint, 'and every decoy row');
 SELECT is((SELECT count(*) FROM eventshop.sessions WHERE revoked_at IS NOT NULL), 0::bigint, 'none is left');
 SELECT is((SELECT count(*) FROM eventshop.refresh_tokens t WHERE NOT EXISTS (SELECT FROM eventshop.sessions s WHERE s.id = t.session_id)),
           0::bigint, 'and their refresh tokens went with them');
+
+-- ---------------------------------------------------------------------------
+-- Private signing keys leave the backend's cache once their key is no longer
+-- active (rotated or revoked, also when no key is active any more)
+-- ---------------------------------------------------------------------------
+BEGIN;
+SELECT eventshop.rotate_signing_keys('ES256') AS es_kid1 \gset
+SELECT eventshop._jwt_sign('{"regress": 1}', 'ES256') IS NOT NULL AS signed \gset
+SELECT is((SELECT has_private_key FROM eventshop._signing_key_cache() WHERE kid = :'es_kid1'), true,
+          'signing caches the active key''s private half');
+SELECT eventshop.rotate_signing_keys('ES256') AS es_kid2 \gset
+SELECT eventshop._jwt_sign('{"regress": 2}', 'ES256') IS NOT NULL AS signed \gset
+SELECT results_eq(format($$SELECT kid = %L, has_private_key FROM eventshop._signing_key_cache() WHERE kid IN (%L, %L) ORDER BY 1$$,
+                         :'es_kid2', :'es_kid1', :'es_kid2'),
+                  $$VALUES (false, false), (true, true)$$,
+                  'after a rotation only the new active key keeps its private half');
+SELECT eventshop.revoke_signing_key(:'es_kid2') IS NULL AS revoked \gset
+SELECT throws_ok($$SELECT eventshop._jwt_sign('{"regress": 3}', 'ES256')$$, '55000', NULL,
+                 'with its active key revoked, ES256 cannot sign');
+SELECT is((SELECT count(*) FROM eventshop._signing_key_cache() WHERE alg = 'ES256' AND has_private_key), 0::bigint,
+          'and no ES256 private key stays cached');
+SELECT is((SELECT count(*) FROM eventshop._signing_key_cache() WHERE alg = 'RS256' AND has_private_key), 1::bigint,
+          'while the active RS256 key keeps its own');
+ROLLBACK;
 
 -- ---------------------------------------------------------------------------
 -- No secret and no address in any event

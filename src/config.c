@@ -42,8 +42,12 @@ int			es_login_failure_window_s = 900;
 int			es_login_lockout_s = 60;
 int			es_login_lockout_max_s = 3600;
 int			es_login_throttle_entries = 10000;
+int			es_login_failure_min_duration_ms = 250;
 int			es_password_reset_ttl_s = 1800;
 int			es_email_verification_ttl_s = 86400;
+
+/* Orders: how long a placed order holds its stock. */
+int			es_reservation_ttl_s = 900;
 
 char	   *es_key_file = NULL;
 char	   *es_seal_public_key = NULL;
@@ -68,6 +72,7 @@ static bool check_kafka_properties(char **newval, void **extra, GucSource source
 static void es_define_account_settings(void);
 static bool check_seal_public_key(char **newval, void **extra, GucSource source);
 static void es_define_auth_settings(void);
+static void es_define_order_settings(void);
 
 /* Registers all settings, then reserves the eventshop. prefix. */
 void
@@ -151,6 +156,8 @@ es_define_settings(void)
 
 	es_define_account_settings();
 
+	es_define_order_settings();
+
 	MarkGUCPrefixReserved("eventshop");
 }
 
@@ -196,10 +203,19 @@ es_define_account_settings(void)
 							NULL, &es_login_lockout_max_s, 3600, 1, 604800,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("eventshop.login_throttle_entries",
-							"Number of e-mail addresses and sources whose failed logins are tracked in shared memory.",
-							"When the table is full the entry idle longest is forgotten, locked ones last.",
+							"Number of e-mail addresses, and separately of sources, whose failed logins are tracked in shared memory.",
+							"Entries that are locked or whose failures are inside eventshop.login_failure_window are never "
+							"forgotten to make room: when none can go, logins for addresses or from sources not tracked yet "
+							"are refused as locked out.",
 							&es_login_throttle_entries, 10000, 100, 10000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.login_failure_min_duration",
+							"Minimum duration of a login that fails after checking a password.",
+							"Failed logins sleep until this much time has passed since they started, so that timing "
+							"does not tell unknown addresses from accounts whose stored hash is slower to verify "
+							"(imported bcrypt, older argon2id parameters). Set it above the slowest verification.",
+							&es_login_failure_min_duration_ms, 250, 0, 10000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("eventshop.password_reset_ttl",
 							"Lifetime of a password-reset token.",
 							NULL, &es_password_reset_ttl_s, 1800, 60, 86400,
@@ -210,6 +226,17 @@ es_define_account_settings(void)
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }
 
+
+/* Settings of the orders module. */
+static void
+es_define_order_settings(void)
+{
+	DefineCustomIntVariable("eventshop.reservation_ttl",
+							"How long a placed order holds its stock before it expires unpaid.",
+							"eventshop.expire_reservations() releases the stock of orders older than this.",
+							&es_reservation_ttl_s, 900, 1, 7 * 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+}
 
 /* Registers the key-file, sealing and JWT settings of the auth module. */
 static void

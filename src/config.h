@@ -62,8 +62,12 @@ extern int	es_login_failure_window_s;
 extern int	es_login_lockout_s;
 extern int	es_login_lockout_max_s;
 extern int	es_login_throttle_entries;
+extern int	es_login_failure_min_duration_ms;
 extern int	es_password_reset_ttl_s;
 extern int	es_email_verification_ttl_s;
+
+/* Orders. */
+extern int	es_reservation_ttl_s;
 
 extern void es_define_settings(void);
 

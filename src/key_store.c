@@ -18,7 +18,12 @@
  * - Parsed EVP_PKEYs and ready-to-use signing/verification contexts are
  *   cached per backend by kid, so no call parses PEM, DER or JSON keys. The
  *   row's state is still read on every verification, so revocation applies
- *   to the next statement.
+ *   to the next statement. Only the active key of an algorithm keeps its
+ *   private half cached: the others' are freed at the next signing with
+ *   that algorithm after a rotation or revocation.
+ * - Private key material (the decrypted DER, the KEK, OpenSSL key objects)
+ *   is freed and cleansed on every path, errors included: nothing that can
+ *   raise runs while it exists outside a PG_TRY that cleans up.
  */
 #include "postgres.h"
 
@@ -35,6 +40,7 @@
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/tuplestore.h"
 
 #include "config.h"
 #include "crypto_util.h"
@@ -46,6 +52,7 @@
 #define ES_MAX_PRIVATE_DER	4096
 
 PG_FUNCTION_INFO_V1(eventshop_generate_signing_key);
+PG_FUNCTION_INFO_V1(eventshop_signing_key_cache);
 
 /* Public parts of a key in JWK form (base64url strings; unused ones NULL). */
 typedef struct EsJwkParts
@@ -61,9 +68,6 @@ typedef struct EsJwkParts
 static EsKey es_keys[ES_KEY_CACHE_SIZE];
 static uint64 es_key_clock = 0;
 
-/* kid of the key each algorithm signed with last, to drop stale private keys. */
-static char es_last_signing_kid[3][ES_KID_LEN + 1];
-
 static SPIPlanPtr es_plan_status = NULL;
 static SPIPlanPtr es_plan_jwk = NULL;
 static SPIPlanPtr es_plan_active = NULL;
@@ -74,6 +78,7 @@ static EsKey *es_cache_find(const char *kid);
 static EsKey *es_cache_insert(const char *kid, int alg);
 static void es_cache_free_private(EsKey *key);
 static void es_cache_free(EsKey *key);
+static void es_cache_drop_private_except(int alg, const char *active_kid);
 static char *es_b64url_palloc(const uint8 *src, size_t len);
 static bool es_export_jwk(EVP_PKEY *pkey, int alg, EsJwkParts *parts);
 static void es_thumbprint(const EsJwkParts *parts, char *kid);
@@ -175,6 +180,24 @@ es_cache_free_private(EsKey *key)
 	key->priv = NULL;
 }
 
+/*
+ * Frees the private half of every cached key of an algorithm except the
+ * active one (NULL: none is active), so that a retired or revoked private
+ * key does not stay in backend memory.
+ */
+static void
+es_cache_drop_private_except(int alg, const char *active_kid)
+{
+	for (int i = 0; i < ES_KEY_CACHE_SIZE; i++)
+	{
+		EsKey	   *key = &es_keys[i];
+
+		if (key->priv != NULL && key->alg == alg &&
+			(active_kid == NULL || strcmp(key->kid, active_kid) != 0))
+			es_cache_free_private(key);
+	}
+}
+
 /* Empties a cache slot. */
 static void
 es_cache_free(EsKey *key)
@@ -223,20 +246,26 @@ es_export_jwk(EVP_PKEY *pkey, int alg, EsJwkParts *parts)
 	{
 		BIGNUM	   *n = NULL;
 		BIGNUM	   *e = NULL;
+		uint8		ebuf[8];
+		size_t		elen = 0;
 		bool		ok;
 
+		/* copy out and free the BIGNUMs before anything that can raise (palloc) */
 		ok = EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_N, &n) == 1 &&
 			EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_E, &e) == 1 &&
-			BN_num_bytes(n) <= (int) sizeof(buf) && BN_num_bytes(e) <= 8;
+			BN_num_bytes(n) <= (int) sizeof(buf) && BN_num_bytes(e) <= (int) sizeof(ebuf);
 		if (ok)
 		{
 			len = BN_bn2bin(n, buf);
-			parts->n = es_b64url_palloc(buf, len);
-			len = BN_bn2bin(e, buf);
-			parts->e = es_b64url_palloc(buf, len);
+			elen = BN_bn2bin(e, ebuf);
 		}
 		BN_free(n);
 		BN_free(e);
+		if (ok)
+		{
+			parts->n = es_b64url_palloc(buf, len);
+			parts->e = es_b64url_palloc(ebuf, elen);
+		}
 		return ok;
 	}
 	if (alg == ES_JWT_ES256)
@@ -478,7 +507,7 @@ es_load_private(EsKey *key, bytea *sealed)
 	size_t		derlen;
 	const unsigned char *p = der;
 	PKCS8_PRIV_KEY_INFO *p8;
-	EVP_PKEY   *priv = NULL;
+	EVP_PKEY   *volatile priv = NULL;	/* volatile: PG_CATCH frees it */
 	EsJwkParts	parts;
 	char		thumb[ES_KID_LEN + 1];
 	bool		opened;
@@ -507,25 +536,39 @@ es_load_private(EsKey *key, bytea *sealed)
 		priv = EVP_PKCS82PKEY(p8);
 	PKCS8_PRIV_KEY_INFO_free(p8);
 	explicit_bzero(der, sizeof(der));
-	if (priv == NULL ||
-		!EVP_PKEY_is_a(priv, key->alg == ES_JWT_RS256 ? "RSA" : key->alg == ES_JWT_ES256 ? "EC" : "ED25519") ||
-		!es_export_jwk(priv, key->alg, &parts))
+	if (priv == NULL)
 	{
-		EVP_PKEY_free(priv);
 		ERR_clear_error();
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("the private key of signing key %s is not a valid %s key",
 						key->kid, es_jwt_alg_name(key->alg))));
 	}
-	es_thumbprint(&parts, thumb);
-	if (strcmp(thumb, key->kid) != 0)
+
+	/* from here the private key exists: free it whatever raises */
+	PG_TRY();
+	{
+		if (!EVP_PKEY_is_a(priv, key->alg == ES_JWT_RS256 ? "RSA" : key->alg == ES_JWT_ES256 ? "EC" : "ED25519") ||
+			!es_export_jwk(priv, key->alg, &parts))
+		{
+			ERR_clear_error();
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("the private key of signing key %s is not a valid %s key",
+							key->kid, es_jwt_alg_name(key->alg))));
+		}
+		es_thumbprint(&parts, thumb);
+		if (strcmp(thumb, key->kid) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("the private key of signing key %s does not match its kid", key->kid)));
+	}
+	PG_CATCH();
 	{
 		EVP_PKEY_free(priv);
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("the private key of signing key %s does not match its kid", key->kid)));
+		PG_RE_THROW();
 	}
+	PG_END_TRY();
 	es_prepare_sign(key, priv);
 }
 
@@ -603,6 +646,7 @@ es_active_signing_key(int alg)
 	EsKey	   *key = NULL;
 	char		kid[ES_KID_LEN + 1];
 	bool		isnull;
+	bool		have_active = false;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -622,17 +666,12 @@ es_active_signing_key(int alg)
 					 errmsg("the active %s signing key has a malformed kid", es_jwt_alg_name(alg))));
 		memcpy(kid, VARDATA_ANY(t), ES_KID_LEN);
 		kid[ES_KID_LEN] = '\0';
-
-		/* a rotation happened: the previous key's private half is no longer needed */
-		if (es_last_signing_kid[alg][0] != '\0' && strcmp(es_last_signing_kid[alg], kid) != 0)
-		{
-			EsKey	   *old = es_cache_find(es_last_signing_kid[alg]);
-
-			if (old != NULL)
-				es_cache_free_private(old);
-		}
-		strlcpy(es_last_signing_kid[alg], kid, sizeof(es_last_signing_kid[alg]));
-
+		have_active = true;
+	}
+	/* after a rotation or revocation: only the active key keeps its private half */
+	es_cache_drop_private_except(alg, have_active ? kid : NULL);
+	if (have_active)
+	{
 		key = es_cache_find(kid);
 		if (key != NULL && key->alg != alg)
 		{
@@ -678,10 +717,11 @@ eventshop_generate_signing_key(PG_FUNCTION_ARGS)
 	text	   *alg_text = PG_GETARG_TEXT_PP(0);
 	int			alg = es_jwt_alg_from_name(VARDATA_ANY(alg_text), VARSIZE_ANY_EXHDR(alg_text));
 	uint8		kek[ES_KEY_LEN];
-	EVP_PKEY   *pkey = NULL;
-	PKCS8_PRIV_KEY_INFO *p8 = NULL;
-	unsigned char *der = NULL;
-	int			derlen = 0;
+	/* OpenSSL objects holding the private key: volatile, as PG_CATCH frees them */
+	EVP_PKEY   *volatile pkey = NULL;
+	PKCS8_PRIV_KEY_INFO *volatile p8 = NULL;
+	unsigned char *volatile der = NULL;
+	volatile int derlen = 0;
 	EsJwkParts	parts;
 	char		kid[ES_KID_LEN + 1];
 	bytea	   *sealed;
@@ -690,7 +730,6 @@ eventshop_generate_signing_key(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc;
 	Datum		values[3];
 	bool		nulls[3] = {false, false, false};
-	bool		ok;
 
 	if (alg < 0)
 		ereport(ERROR,
@@ -700,38 +739,61 @@ eventshop_generate_signing_key(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "_generate_signing_key must return a record");
 
-	/* the KEK first: a missing key file must fail before any key exists */
+	/* the KEK and the output buffer first: a missing key file must fail before any key exists */
 	es_derive_master_subkey(ES_HKDF_INFO_KEK, kek);
+	sealed = palloc(VARHDRSZ + ES_SEAL_OVERHEAD + ES_MAX_PRIVATE_DER);
+	blob = (uint8 *) VARDATA(sealed);
 
-	if (alg == ES_JWT_RS256)
-		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t) 2048);
-	else if (alg == ES_JWT_ES256)
-		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
-	else
-		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
-	ok = pkey != NULL &&
-		(p8 = EVP_PKEY2PKCS8(pkey)) != NULL &&
-		(derlen = i2d_PKCS8_PRIV_KEY_INFO(p8, &der)) > 0 &&
-		derlen <= ES_MAX_PRIVATE_DER &&
-		es_export_jwk(pkey, alg, &parts);
-	EVP_PKEY_free(pkey);
-	PKCS8_PRIV_KEY_INFO_free(p8);
-	if (!ok)
+	/*
+	 * From key generation until the DER is sealed, anything that raises
+	 * (OpenSSL failures, palloc, the CSPRNG) goes through PG_CATCH, which
+	 * frees the key objects and cleanses the DER and the KEK.
+	 */
+	PG_TRY();
 	{
-		if (der)
+		unsigned char *der_out = NULL;
+		int			n;
+		bool		ok;
+
+		if (alg == ES_JWT_RS256)
+			pkey = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t) 2048);
+		else if (alg == ES_JWT_ES256)
+			pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+		else
+			pkey = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+		ok = pkey != NULL && (p8 = EVP_PKEY2PKCS8(pkey)) != NULL;
+		if (ok)
+		{
+			n = i2d_PKCS8_PRIV_KEY_INFO(p8, &der_out);
+			der = der_out;
+			derlen = n;
+			ok = n > 0 && n <= ES_MAX_PRIVATE_DER;
+		}
+		ok = ok && es_export_jwk(pkey, alg, &parts);
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+		PKCS8_PRIV_KEY_INFO_free(p8);
+		p8 = NULL;
+		if (!ok)
+			es_openssl_error("generating a signing key");
+		es_thumbprint(&parts, kid);
+
+		SET_VARSIZE(sealed, VARHDRSZ + ES_SEAL_OVERHEAD + derlen);
+		blob[0] = ES_SEAL_VERSION;
+		es_random_bytes(blob + 1, ES_GCM_NONCE_LEN);
+		es_aead_seal(kek, blob + 1, (const uint8 *) kid, strlen(kid), der, derlen,
+					 blob + 1 + ES_GCM_NONCE_LEN);
+	}
+	PG_CATCH();
+	{
+		EVP_PKEY_free(pkey);
+		PKCS8_PRIV_KEY_INFO_free(p8);
+		if (der != NULL)
 			OPENSSL_clear_free(der, derlen);
 		explicit_bzero(kek, sizeof(kek));
-		es_openssl_error("generating a signing key");
+		PG_RE_THROW();
 	}
-	es_thumbprint(&parts, kid);
-
-	sealed = palloc(VARHDRSZ + ES_SEAL_OVERHEAD + derlen);
-	SET_VARSIZE(sealed, VARHDRSZ + ES_SEAL_OVERHEAD + derlen);
-	blob = (uint8 *) VARDATA(sealed);
-	blob[0] = ES_SEAL_VERSION;
-	es_random_bytes(blob + 1, ES_GCM_NONCE_LEN);
-	es_aead_seal(kek, blob + 1, (const uint8 *) kid, strlen(kid), der, derlen,
-				 blob + 1 + ES_GCM_NONCE_LEN);
+	PG_END_TRY();
 	OPENSSL_clear_free(der, derlen);
 	explicit_bzero(kek, sizeof(kek));
 
@@ -750,4 +812,31 @@ eventshop_generate_signing_key(PG_FUNCTION_ARGS)
 	values[2] = PointerGetDatum(sealed);
 	tupdesc = BlessTupleDesc(tupdesc);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * _signing_key_cache() -> (kid, alg, has_public_key, has_private_key): the
+ * keys this backend holds parsed, so that tests (and an operator) can see
+ * that retired and revoked keys no longer keep their private half here.
+ */
+Datum
+eventshop_signing_key_cache(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	for (int i = 0; i < ES_KEY_CACHE_SIZE; i++)
+	{
+		Datum		values[4];
+		bool		nulls[4] = {false, false, false, false};
+
+		if (es_keys[i].kid[0] == '\0')
+			continue;
+		values[0] = CStringGetTextDatum(es_keys[i].kid);
+		values[1] = CStringGetTextDatum(es_jwt_alg_name(es_keys[i].alg));
+		values[2] = BoolGetDatum(es_keys[i].pub != NULL);
+		values[3] = BoolGetDatum(es_keys[i].priv != NULL);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }

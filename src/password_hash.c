@@ -9,7 +9,10 @@
  * Hashes are PHC strings ($argon2id$v=19$m=...,t=...,p=...$salt$hash) so
  * that parameters can rise without breaking stored hashes; a stored hash
  * below the current parameters (or a bcrypt hash) is replaced at the next
- * successful login.
+ * successful login. Stored hashes are parsed strictly and bounded (memory,
+ * passes, lanes, salt and output lengths) before anything is computed, and
+ * an argon2id hash is verified in the backend's own thread whatever its lane
+ * count; a malformed or oversized hash is an error that names no part of it.
  *
  * Every hash costs eventshop.password_hash_memory of memory and tens of
  * milliseconds of CPU, so a server-wide gate (a counter in shared memory and
@@ -45,12 +48,43 @@
 #define ES_ARGON2_SALT_LEN		16
 #define ES_ARGON2_HASH_LEN		32
 #define ES_MAX_PASSWORD_BYTES	4096
-/* Bounds on parameters read from stored hashes, so a bad row cannot exhaust the server. */
+/*
+ * Bounds on what a stored hash may ask for, so that a bad row cannot exhaust
+ * the server: memory and passes as high as the settings allow (a stored hash
+ * may have been made with the highest), lanes as argon2 implementations
+ * elsewhere use (computed in one thread here), salt and output lengths as
+ * PHC strings have them.
+ */
 #define ES_ARGON2_MAX_MEMORY_KIB	1048576
 #define ES_ARGON2_MAX_ITERATIONS	64
 #define ES_ARGON2_MAX_LANES			16
+#define ES_ARGON2_MIN_SALT_LEN		8
+#define ES_ARGON2_MAX_SALT_LEN		64
+#define ES_ARGON2_MIN_HASH_LEN		16
+#define ES_ARGON2_MAX_HASH_LEN		64
 #define ES_BCRYPT_MAX_COST			16
 #define ES_COMMON_PASSWORDS_FILE	"eventshop_common_passwords.txt"
+
+/* The parts of an argon2id PHC string, as es_parse_argon2id reads them. */
+typedef struct EsArgon2Params
+{
+	uint32		version;
+	uint32		m;				/* KiB */
+	uint32		t;
+	uint32		p;
+	uint8		salt[ES_ARGON2_MAX_SALT_LEN];
+	size_t		salt_len;
+	uint8		hash[ES_ARGON2_MAX_HASH_LEN];
+	size_t		hash_len;
+} EsArgon2Params;
+
+/* Why es_parse_argon2id refused a string. */
+typedef enum EsArgon2Parse
+{
+	ES_ARGON2_OK,
+	ES_ARGON2_MALFORMED,		/* not $argon2id$v=..$m=..,t=..,p=..$salt$hash */
+	ES_ARGON2_UNSUPPORTED,		/* well formed, but a version or parameter beyond the bounds */
+} EsArgon2Parse;
 
 typedef struct EsHashGate
 {
@@ -74,7 +108,10 @@ static void es_check_password_size(const text *password);
 static void es_hash_gate_enter(void);
 static void es_hash_gate_leave(void);
 static void es_hash_gate_on_exit(int code, Datum arg);
-static bool es_parse_argon2id(const char *encoded, int *version, int *m, int *t, int *p);
+static EsArgon2Parse es_parse_argon2id(const char *encoded, EsArgon2Params *params);
+static bool es_parse_uint(const char **pos, const char *prefix, uint32 *value);
+static bool es_parse_b64(const char **pos, char stop, uint8 *out, size_t max, size_t *len);
+static bool es_argon2id_verify_bounded(const EsArgon2Params *params, const text *password);
 static bool es_is_bcrypt(const char *encoded, int *cost);
 static bool es_bcrypt_verify(const char *password, const char *encoded);
 static void es_argon2_error(int rc, const char *what);
@@ -136,19 +173,19 @@ eventshop_hash_password(PG_FUNCTION_ARGS)
 /*
  * Checks a password against a stored hash (argon2id PHC string, or a bcrypt
  * $2a$/$2b$/$2y$ hash imported from another system); false for a mismatch,
- * an error for a malformed or unsupported hash.
+ * an error (22023, naming no part of the hash) for a hash that is malformed
+ * or asks for more than the bounds above. argon2id is computed in this
+ * backend's thread whatever the lane count (libargon2's own verify would
+ * start a thread per lane).
  */
 Datum
 eventshop_verify_password(PG_FUNCTION_ARGS)
 {
 	text	   *password = PG_GETARG_TEXT_PP(0);
 	char	   *encoded = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	int			version,
-				m,
-				t,
-				p,
-				cost;
-	int			rc;
+	EsArgon2Params params;
+	int			cost;
+	bool		ok;
 
 	es_check_password_size(password);
 	if (strlen(encoded) > 512)
@@ -159,7 +196,6 @@ eventshop_verify_password(PG_FUNCTION_ARGS)
 	if (es_is_bcrypt(encoded, &cost))
 	{
 		char	   *plain = text_to_cstring(password);
-		bool		ok;
 
 		if (cost > ES_BCRYPT_MAX_COST)
 			ereport(ERROR,
@@ -174,26 +210,31 @@ eventshop_verify_password(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("stored password hash is not an argon2id or bcrypt hash")));
-	if (es_parse_argon2id(encoded, &version, &m, &t, &p) &&
-		(m > ES_ARGON2_MAX_MEMORY_KIB || t > ES_ARGON2_MAX_ITERATIONS || p > ES_ARGON2_MAX_LANES))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("stored argon2id hash has parameters above the supported limits")));
-
-	/* argon2_verify compares the hashes in constant time */
-	es_hash_gate_enter();
-	rc = argon2id_verify(encoded, VARDATA_ANY(password), VARSIZE_ANY_EXHDR(password));
-	es_hash_gate_leave();
-	if (rc == ARGON2_OK)
-		PG_RETURN_BOOL(true);
-	if (rc == ARGON2_VERIFY_MISMATCH)
-		PG_RETURN_BOOL(false);
-	if (rc == ARGON2_MEMORY_ALLOCATION_ERROR)
-		es_argon2_error(rc, "verify");
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("could not verify password: %s", argon2_error_message(rc))));
-	PG_RETURN_BOOL(false);		/* not reached */
+	switch (es_parse_argon2id(encoded, &params))
+	{
+		case ES_ARGON2_OK:
+			break;
+		case ES_ARGON2_MALFORMED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("stored argon2id hash is malformed"),
+					 errdetail("An argon2id hash must read $argon2id$v=19$m=<KiB>,t=<passes>,p=<lanes>$<salt>$<hash> "
+							   "with decimal numbers and unpadded base64.")));
+			break;
+		case ES_ARGON2_UNSUPPORTED:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("stored argon2id hash has parameters above the supported limits"),
+					 errdetail("Supported: version 19, m up to %d KiB (and at least 8 per lane), t from 1 to %d, "
+							   "p from 1 to %d, a salt of %d to %d bytes and a hash of %d to %d bytes.",
+							   ES_ARGON2_MAX_MEMORY_KIB, ES_ARGON2_MAX_ITERATIONS, ES_ARGON2_MAX_LANES,
+							   ES_ARGON2_MIN_SALT_LEN, ES_ARGON2_MAX_SALT_LEN,
+							   ES_ARGON2_MIN_HASH_LEN, ES_ARGON2_MAX_HASH_LEN)));
+			break;
+	}
+	ok = es_argon2id_verify_bounded(&params, password);
+	explicit_bzero(&params, sizeof(params));
+	PG_RETURN_BOOL(ok);
 }
 
 /*
@@ -224,17 +265,15 @@ Datum
 eventshop_password_needs_rehash(PG_FUNCTION_ARGS)
 {
 	char	   *encoded = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	int			version,
-				m,
-				t,
-				p;
+	EsArgon2Params params;
 
-	if (!es_parse_argon2id(encoded, &version, &m, &t, &p))
+	if (es_parse_argon2id(encoded, &params) != ES_ARGON2_OK)
 		PG_RETURN_BOOL(true);
-	PG_RETURN_BOOL(version != ARGON2_VERSION_13 ||
-				   m < es_password_hash_memory_kib ||
-				   t < es_password_hash_iterations ||
-				   p != ES_ARGON2_LANES);
+	PG_RETURN_BOOL(params.m < (uint32) es_password_hash_memory_kib ||
+				   params.t < (uint32) es_password_hash_iterations ||
+				   params.p != ES_ARGON2_LANES ||
+				   params.salt_len < ES_ARGON2_SALT_LEN ||
+				   params.hash_len != ES_ARGON2_HASH_LEN);
 }
 
 /*
@@ -400,17 +439,160 @@ es_hash_gate_on_exit(int code, Datum arg)
 	es_hash_gate_leave();
 }
 
-/* Parses the parameters of an argon2id PHC string; false if it is not one. */
-static bool
-es_parse_argon2id(const char *encoded, int *version, int *m, int *t, int *p)
+/*
+ * Parses an argon2id PHC string strictly:
+ * $argon2id$v=19$m=<KiB>,t=<passes>,p=<lanes>$<salt>$<hash>, every part
+ * present and in this order, numbers in plain decimal (no sign, no leading
+ * zero, no spaces), salt and hash in unpadded standard base64 with no stray
+ * bits. The bounds are checked here, so nothing that exceeds them reaches
+ * libargon2.
+ */
+static EsArgon2Parse
+es_parse_argon2id(const char *encoded, EsArgon2Params *params)
 {
-	int			consumed = 0;
+	const char *pos = encoded;
 
-	if (strncmp(encoded, "$argon2id$", 10) != 0)
+	memset(params, 0, sizeof(*params));
+	if (strncmp(pos, "$argon2id$", 10) != 0)
+		return ES_ARGON2_MALFORMED;
+	pos += 10;
+	if (!es_parse_uint(&pos, "v=", &params->version) || *pos++ != '$' ||
+		!es_parse_uint(&pos, "m=", &params->m) || *pos++ != ',' ||
+		!es_parse_uint(&pos, "t=", &params->t) || *pos++ != ',' ||
+		!es_parse_uint(&pos, "p=", &params->p) || *pos++ != '$' ||
+		!es_parse_b64(&pos, '$', params->salt, sizeof(params->salt), &params->salt_len) || *pos++ != '$' ||
+		!es_parse_b64(&pos, '\0', params->hash, sizeof(params->hash), &params->hash_len) || *pos != '\0')
+		return ES_ARGON2_MALFORMED;
+	if (params->version != ARGON2_VERSION_13 ||
+		params->m > ES_ARGON2_MAX_MEMORY_KIB ||
+		params->t < 1 || params->t > ES_ARGON2_MAX_ITERATIONS ||
+		params->p < 1 || params->p > ES_ARGON2_MAX_LANES ||
+		params->m < 8 * params->p ||
+		params->salt_len < ES_ARGON2_MIN_SALT_LEN ||
+		params->hash_len < ES_ARGON2_MIN_HASH_LEN)
+		return ES_ARGON2_UNSUPPORTED;
+	return ES_ARGON2_OK;
+}
+
+/*
+ * Reads prefix then a decimal number at *pos, advancing past it; false when
+ * the prefix is missing or the number is not plain decimal digits (the sign,
+ * spaces and leading zeros strtol would take are refused). A number beyond
+ * uint32 reads as PG_UINT32_MAX, so that it fails the bounds, not the syntax.
+ */
+static bool
+es_parse_uint(const char **pos, const char *prefix, uint32 *value)
+{
+	size_t		plen = strlen(prefix);
+	const char *digits;
+	char	   *end;
+	long		v;
+
+	if (strncmp(*pos, prefix, plen) != 0)
 		return false;
-	if (sscanf(encoded + 10, "v=%d$m=%d,t=%d,p=%d$%n", version, m, t, p, &consumed) != 4 || consumed == 0)
+	digits = *pos + plen;
+	if (!isdigit((unsigned char) digits[0]) || (digits[0] == '0' && isdigit((unsigned char) digits[1])))
 		return false;
+	errno = 0;
+	v = strtol(digits, &end, 10);
+	if (end == digits || v < 0)
+		return false;
+	*value = (errno == ERANGE || v > (long) PG_UINT32_MAX) ? PG_UINT32_MAX : (uint32) v;
+	*pos = end;
 	return true;
+}
+
+/*
+ * Decodes unpadded standard base64 at *pos up to the stop character into
+ * out (at most max bytes), advancing *pos to the stop character; false for
+ * any other character, a length that cannot be base64, non-zero leftover
+ * bits, or more than max bytes.
+ */
+static bool
+es_parse_b64(const char **pos, char stop, uint8 *out, size_t max, size_t *len)
+{
+	const char *p = *pos;
+	uint32		acc = 0;
+	int			bits = 0;
+	size_t		n = 0;
+
+	for (; *p != stop; p++)
+	{
+		char		c = *p;
+		int			v;
+
+		if (c >= 'A' && c <= 'Z')
+			v = c - 'A';
+		else if (c >= 'a' && c <= 'z')
+			v = c - 'a' + 26;
+		else if (c >= '0' && c <= '9')
+			v = c - '0' + 52;
+		else if (c == '+')
+			v = 62;
+		else if (c == '/')
+			v = 63;
+		else
+			return false;		/* includes '\0' before the stop, '=' and '$' */
+		acc = (acc << 6) | (uint32) v;
+		bits += 6;
+		if (bits >= 8)
+		{
+			bits -= 8;
+			if (n >= max)
+				return false;
+			out[n++] = (uint8) (acc >> bits);
+			acc &= (1u << bits) - 1;
+		}
+	}
+	/* 6 leftover bits mean a length of 4k+1 characters; other leftovers must be zero */
+	if (bits >= 6 || acc != 0)
+		return false;
+	*len = n;
+	*pos = p;
+	return true;
+}
+
+/*
+ * Computes argon2id with a stored hash's parameters through argon2_ctx with
+ * one thread (lanes are processed in turn), and compares the result with
+ * the stored hash in constant time.
+ */
+static bool
+es_argon2id_verify_bounded(const EsArgon2Params *params, const text *password)
+{
+	uint8		out[ES_ARGON2_MAX_HASH_LEN];
+	uint8		salt[ES_ARGON2_MAX_SALT_LEN];
+	argon2_context ctx;
+	unsigned char diff = 0;
+	int			rc;
+
+	memcpy(salt, params->salt, params->salt_len);
+	memset(&ctx, 0, sizeof(ctx));
+	ctx.out = out;
+	ctx.outlen = (uint32) params->hash_len;
+	ctx.pwd = (uint8 *) VARDATA_ANY(password);
+	ctx.pwdlen = (uint32) VARSIZE_ANY_EXHDR(password);
+	ctx.salt = salt;
+	ctx.saltlen = (uint32) params->salt_len;
+	ctx.t_cost = params->t;
+	ctx.m_cost = params->m;
+	ctx.lanes = params->p;
+	ctx.threads = 1;
+	ctx.version = params->version;
+	ctx.flags = ARGON2_DEFAULT_FLAGS;
+
+	es_hash_gate_enter();
+	rc = argon2_ctx(&ctx, Argon2_id);
+	es_hash_gate_leave();
+	if (rc != ARGON2_OK)
+	{
+		explicit_bzero(out, sizeof(out));
+		es_argon2_error(rc, "verify");
+	}
+	for (size_t i = 0; i < params->hash_len; i++)
+		diff |= (unsigned char) (out[i] ^ params->hash[i]);
+	explicit_bzero(out, sizeof(out));
+	return diff == 0;
 }
 
 /* Whether the string is a bcrypt hash of a variant we verify ($2a$, $2b$, $2y$), and its cost. */
