@@ -333,7 +333,7 @@ SELECT pg_catalog.pg_extension_config_dump('eventshop.refresh_tokens', '');
 CREATE TABLE eventshop.account_tokens (
 	token_hash		bytea PRIMARY KEY,
 	user_id			uuid REFERENCES eventshop.users (id) ON DELETE CASCADE,
-	purpose			text NOT NULL CHECK (purpose IN ('password_reset', 'email_verification')),
+	purpose			text NOT NULL CHECK (purpose IN ('password_reset', 'magic_link', 'email_verification')),
 	email			text,
 	created_at		timestamptz NOT NULL,
 	expires_at		timestamptz NOT NULL,
@@ -342,7 +342,7 @@ CREATE TABLE eventshop.account_tokens (
 );
 CREATE INDEX account_tokens_user_idx ON eventshop.account_tokens (user_id, purpose);
 CREATE INDEX account_tokens_expires_idx ON eventshop.account_tokens (expires_at);
-COMMENT ON TABLE eventshop.account_tokens IS 'Single-use password-reset and e-mail verification tokens, as SHA-256 of the token. Rows without a user are decoys: request_password_reset inserts and deletes one in the same transaction for an unknown address, so that a request costs the same whether or not the account exists; none stays, and none could ever be redeemed.';
+COMMENT ON TABLE eventshop.account_tokens IS 'Single-use password-reset, magic sign-in and e-mail verification tokens, as SHA-256 of the token. Rows without a user are decoys: request_password_reset inserts and deletes one in the same transaction for an unknown address, so that a request costs the same whether or not the account exists; none stays, and none could ever be redeemed.';
 SELECT pg_catalog.pg_extension_config_dump('eventshop.account_tokens', '');
 
 CREATE TYPE eventshop.token_pair AS (
@@ -624,6 +624,30 @@ COMMENT ON FUNCTION eventshop._revoke_sessions(uuid, text, uuid) IS 'Internal: e
 -- like a wrong password, and a reset, change or block that comes later waits
 -- for this transaction and then ends the session it opened.
 -- ---------------------------------------------------------------------------
+-- Opens a session for a user who just proved who they are (password or
+-- magic link): the session row, user.logged_in, and the first token pair.
+CREATE FUNCTION eventshop._open_session(user_id uuid, roles text[], email_hash text, source text,
+										user_agent text, details jsonb)
+RETURNS eventshop.token_pair
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_session	uuid := gen_random_uuid();
+	v_now		timestamptz := clock_timestamp();
+BEGIN
+	INSERT INTO eventshop.sessions (id, user_id, created_at, last_used_at, expires_at, generation, source, user_agent)
+	VALUES (v_session, _open_session.user_id, v_now, v_now, v_now, 0, _open_session.source,
+			nullif(_open_session.user_agent, ''));
+	PERFORM eventshop._emit_event('auth.events', _open_session.user_id::text, 'user.logged_in',
+		jsonb_build_object('user_id', _open_session.user_id, 'email_hash', _open_session.email_hash,
+						   'session_id', v_session, 'source_hash', eventshop._pii_hash(_open_session.source))
+		|| coalesce(_open_session.details, '{}'));
+	RETURN eventshop._issue_tokens(_open_session.user_id, _open_session.roles, v_session, 1);
+END
+$$;
+COMMENT ON FUNCTION eventshop._open_session(uuid, text[], text, text, text, jsonb) IS 'Internal: opens a session, emits user.logged_in (with extra event data) and returns the first access and refresh tokens.';
+
 CREATE FUNCTION eventshop.login(email text, password text, source text DEFAULT NULL, user_agent text DEFAULT NULL)
 RETURNS SETOF eventshop.token_pair
 LANGUAGE plpgsql
@@ -643,8 +667,6 @@ DECLARE
 	v_ok			boolean;
 	v_reason		text := 'wrong_password';
 	v_new_hash		text;
-	v_session		uuid := gen_random_uuid();
-	v_now			timestamptz;
 	v_rehashed		boolean := false;
 BEGIN
 	IF v_source IS NOT NULL AND (octet_length(v_source) > 255 OR v_source ~ '[[:cntrl:]]') THEN
@@ -744,13 +766,8 @@ BEGIN
 		v_rehashed := FOUND;
 	END IF;
 
-	v_now := clock_timestamp();
-	INSERT INTO eventshop.sessions (id, user_id, created_at, last_used_at, expires_at, generation, source, user_agent)
-	VALUES (v_session, v_current.id, v_now, v_now, v_now, 0, v_source, nullif(v_agent, ''));
-	PERFORM eventshop._emit_event('auth.events', v_current.id::text, 'user.logged_in',
-		jsonb_build_object('user_id', v_current.id, 'email_hash', v_email_hash, 'session_id', v_session,
-						   'source_hash', eventshop._pii_hash(v_source), 'password_rehashed', v_rehashed));
-	RETURN NEXT eventshop._issue_tokens(v_current.id, v_current.roles, v_session, 1);
+	RETURN NEXT eventshop._open_session(v_current.id, v_current.roles, v_email_hash, v_source, v_agent,
+										jsonb_build_object('password_rehashed', v_rehashed));
 END
 $$;
 COMMENT ON FUNCTION eventshop.login(text, text, text, text) IS 'Verifies e-mail and password and opens a session: returns an access JWT, a refresh token, ''Bearer'', the access token lifetime and the session id; emits user.logged_in. Errors: 28P01 invalid e-mail or password (the same for unknown accounts, lasting at least eventshop.login_failure_min_duration), 28000 account blocked or too many failed attempts (source: the client address, counted for lockout).';
@@ -1107,20 +1124,18 @@ COMMENT ON FUNCTION eventshop._pad_duration(timestamptz, double precision) IS 'I
 -- same transaction, as the real branch inserts the new link and deletes the
 -- older ones, so nothing is left behind (no row an anonymous caller could
 -- pile up), and no event is emitted.
-CREATE FUNCTION eventshop.request_password_reset(email text)
+CREATE FUNCTION eventshop._request_account_link(email text, purpose text, lifetime interval, event_type text)
 RETURNS void
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET log_min_error_statement = panic
 AS $$
 DECLARE
-	v_email		text := eventshop._normalize_email(request_password_reset.email);
+	v_email		text := eventshop._normalize_email(_request_account_link.email);
 	v_token		text := eventshop._random_token(32);
 	v_hash		bytea := eventshop._token_hash(v_token);
 	v_sealed	text := eventshop._seal(v_token);
 	v_now		timestamptz := clock_timestamp();
-	v_expires	timestamptz := v_now + current_setting('eventshop.password_reset_ttl')::interval;
+	v_expires	timestamptz := v_now + _request_account_link.lifetime;
 	v_email_hash text := eventshop._pii_hash(v_email);
 	v_user		eventshop.users%ROWTYPE;
 BEGIN
@@ -1128,10 +1143,10 @@ BEGIN
 	IF NOT FOUND OR v_user.blocked_at IS NOT NULL
 	   -- at most one link a minute, so nobody can flood an inbox
 	   OR EXISTS (SELECT FROM eventshop.account_tokens t
-				  WHERE t.user_id = v_user.id AND t.purpose = 'password_reset' AND t.used_at IS NULL
+				  WHERE t.user_id = v_user.id AND t.purpose = _request_account_link.purpose AND t.used_at IS NULL
 					AND t.created_at > v_now - interval '1 minute') THEN
 		INSERT INTO eventshop.account_tokens (token_hash, user_id, purpose, email, created_at, expires_at)
-		VALUES (v_hash, NULL, 'password_reset', NULL, v_now, v_expires);
+		VALUES (v_hash, NULL, _request_account_link.purpose, NULL, v_now, v_expires);
 		-- as the real branch deletes the account's older links
 		DELETE FROM eventshop.account_tokens t WHERE t.token_hash = v_hash;
 		PERFORM eventshop._pad_duration(v_now, 0.020);
@@ -1140,14 +1155,26 @@ BEGIN
 
 	-- only the newest link works
 	DELETE FROM eventshop.account_tokens t
-	WHERE t.user_id = v_user.id AND t.purpose = 'password_reset' AND t.used_at IS NULL;
+	WHERE t.user_id = v_user.id AND t.purpose = _request_account_link.purpose AND t.used_at IS NULL;
 	INSERT INTO eventshop.account_tokens (token_hash, user_id, purpose, email, created_at, expires_at)
-	VALUES (v_hash, v_user.id, 'password_reset', v_user.email, v_now, v_expires);
-	PERFORM eventshop._emit_event('auth.events', v_user.id::text, 'password.reset_requested',
+	VALUES (v_hash, v_user.id, _request_account_link.purpose, v_user.email, v_now, v_expires);
+	PERFORM eventshop._emit_event('auth.events', v_user.id::text, _request_account_link.event_type,
 		jsonb_build_object('user_id', v_user.id, 'email_hash', v_email_hash,
 						   'sealed_token', v_sealed, 'expires_at', v_expires));
 	PERFORM eventshop._pad_duration(v_now, 0.020);
 END
+$$;
+COMMENT ON FUNCTION eventshop._request_account_link(text, text, interval, text) IS 'Internal: issues a single-use link token of the given purpose for an address and emits the event carrying it sealed; does the same work and takes the same time whether or not the address has an account.';
+
+CREATE FUNCTION eventshop.request_password_reset(email text)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET log_min_error_statement = panic
+AS $$
+	SELECT eventshop._request_account_link(request_password_reset.email, 'password_reset',
+		current_setting('eventshop.password_reset_ttl')::interval, 'password.reset_requested')
 $$;
 COMMENT ON FUNCTION eventshop.request_password_reset(text) IS 'Sends a password-reset link: emits password.reset_requested with the single-use token sealed for the notifier (eventshop._seal), valid eventshop.password_reset_ttl. Returns nothing and takes the same time whether or not the address has an account. Errors: 22023/22004 malformed address.';
 
@@ -1196,6 +1223,63 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION eventshop.reset_password(text, text) IS 'Sets a new password with a reset token (single use, within eventshop.password_reset_ttl); ends every session, refuses access tokens issued before, clears the login lockout; emits password.changed. Errors: 28000 invalid or expired token, 22023/22004 password refused by the policy.';
+
+-- ---------------------------------------------------------------------------
+-- Magic sign-in links (seed 004): a single-use link mailed to the address
+-- signs the user in without a password.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop.request_magic_link(email text)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET log_min_error_statement = panic
+AS $$
+	SELECT eventshop._request_account_link(request_magic_link.email, 'magic_link',
+		current_setting('eventshop.magic_link_ttl')::interval, 'auth.magic_link_requested')
+$$;
+COMMENT ON FUNCTION eventshop.request_magic_link(text) IS 'Sends a magic sign-in link: emits auth.magic_link_requested with the single-use token sealed for the notifier, valid eventshop.magic_link_ttl; at most one link a minute per account. Returns nothing and takes the same time whether or not the address has an account. Errors: 22023/22004 malformed address.';
+
+CREATE FUNCTION eventshop.login_with_magic_link(token text, source text DEFAULT NULL, user_agent text DEFAULT NULL)
+RETURNS SETOF eventshop.token_pair
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET log_min_error_statement = panic
+AS $$
+DECLARE
+	v_token		eventshop.account_tokens%ROWTYPE;
+	v_user		eventshop.users%ROWTYPE;
+	v_now		timestamptz := clock_timestamp();
+	v_source	text := nullif(btrim(login_with_magic_link.source), '');
+BEGIN
+	IF v_source IS NOT NULL AND (octet_length(v_source) > 255 OR v_source ~ '[[:cntrl:]]') THEN
+		RAISE EXCEPTION 'invalid source'
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the client address, at most 255 printable bytes.';
+	END IF;
+	IF NOT eventshop._is_opaque_token(login_with_magic_link.token) THEN
+		RAISE EXCEPTION 'invalid or expired token' USING ERRCODE = 'invalid_authorization_specification';
+	END IF;
+	SELECT t.* INTO v_token FROM eventshop.account_tokens t
+	WHERE t.token_hash = eventshop._token_hash(login_with_magic_link.token) AND t.purpose = 'magic_link'
+	FOR UPDATE;
+	IF NOT FOUND OR v_token.user_id IS NULL OR v_token.used_at IS NOT NULL OR v_token.expires_at <= v_now THEN
+		RAISE EXCEPTION 'invalid or expired token' USING ERRCODE = 'invalid_authorization_specification';
+	END IF;
+	SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_token.user_id FOR NO KEY UPDATE;
+	IF v_user.email <> v_token.email OR v_user.blocked_at IS NOT NULL THEN
+		RAISE EXCEPTION 'invalid or expired token' USING ERRCODE = 'invalid_authorization_specification';
+	END IF;
+
+	UPDATE eventshop.account_tokens t SET used_at = v_now WHERE t.token_hash = v_token.token_hash;
+	-- the link reached the address, so the address works
+	UPDATE eventshop.users u SET email_verified_at = coalesce(u.email_verified_at, v_now) WHERE u.id = v_user.id;
+	RETURN NEXT eventshop._open_session(v_user.id, v_user.roles, eventshop._pii_hash(v_user.email), v_source,
+		left(regexp_replace(login_with_magic_link.user_agent, '[[:cntrl:]]', '', 'g'), 512),
+		jsonb_build_object('method', 'magic_link'));
+END
+$$;
+COMMENT ON FUNCTION eventshop.login_with_magic_link(text, text, text) IS 'Signs in with a magic link token (single use, within eventshop.magic_link_ttl): opens a session like login and returns its tokens; marks the address verified; emits user.logged_in with method magic_link. Errors: 28000 invalid or expired token.';
 
 -- ---------------------------------------------------------------------------
 -- E-mail verification.
@@ -3212,6 +3296,7 @@ GRANT EXECUTE ON FUNCTION
 	eventshop.login(text, text, text, text), eventshop.refresh(text), eventshop.authenticate(text),
 	eventshop.logout(text), eventshop.list_sessions(), eventshop.revoke_session(uuid),
 	eventshop.change_password(text, text), eventshop.request_password_reset(text),
+	eventshop.request_magic_link(text), eventshop.login_with_magic_link(text, text, text),
 	eventshop.reset_password(text, text), eventshop.request_email_verification(),
 	eventshop.verify_email(text), eventshop.block_user(uuid, text), eventshop.unblock_user(uuid),
 	eventshop.set_user_roles(uuid, text[]), eventshop.current_user_id(), eventshop.current_roles(),

@@ -76,6 +76,7 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.revoke_session(uuid)',
                     'eventshop.change_password(text,text)',
                     'eventshop.request_password_reset(text)',
+                    'eventshop.request_magic_link(text)', 'eventshop.login_with_magic_link(text,text,text)',
                     'eventshop.reset_password(text,text)',
                     'eventshop.request_email_verification()',
                     'eventshop.verify_email(text)',

@@ -44,6 +44,7 @@ int			es_login_lockout_max_s = 3600;
 int			es_login_throttle_entries = 10000;
 int			es_login_failure_min_duration_ms = 250;
 int			es_password_reset_ttl_s = 1800;
+int			es_magic_link_ttl_s = 900;
 int			es_email_verification_ttl_s = 86400;
 
 /* Orders: how long a placed order holds its stock. */
@@ -219,6 +220,10 @@ es_define_account_settings(void)
 	DefineCustomIntVariable("eventshop.password_reset_ttl",
 							"Lifetime of a password-reset token.",
 							NULL, &es_password_reset_ttl_s, 1800, 60, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.magic_link_ttl",
+							"Lifetime of a magic sign-in link token.",
+							NULL, &es_magic_link_ttl_s, 900, 60, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("eventshop.email_verification_ttl",
 							"Lifetime of an e-mail verification token.",

@@ -64,6 +64,7 @@ extern int	es_login_lockout_max_s;
 extern int	es_login_throttle_entries;
 extern int	es_login_failure_min_duration_ms;
 extern int	es_password_reset_ttl_s;
+extern int	es_magic_link_ttl_s;
 extern int	es_email_verification_ttl_s;
 
 /* Orders. */
