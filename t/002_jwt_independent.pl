@@ -29,16 +29,7 @@ my $key_conf = key_settings($keydir);
 my ($seal_public) = $key_conf =~ /seal_public_key = '([^']+)'/;
 like($seal_public, qr/^[A-Za-z0-9_-]{43}$/, 'X25519 public key in base64url');
 
-my $node = PostgreSQL::Test::Cluster->new('jwt');
-$node->init;
-$node->append_conf('postgresql.conf', <<"CONF");
-shared_preload_libraries = 'eventshop'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
-$key_conf
-CONF
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
+my $node = worker_free_node('jwt', '', $key_conf);
 
 # Keys of all three algorithms; one rotation more for RS256 so that the
 # JWKS also holds a retired key.

@@ -34,13 +34,8 @@ use Time::HiRes qw(time usleep);
 my $keydir = PostgreSQL::Test::Utils::tempdir();
 my $key_conf = key_settings($keydir);
 
-my $node = PostgreSQL::Test::Cluster->new('auth');
-$node->init;
-$node->append_conf('postgresql.conf', <<"CONF");
+my $node = worker_free_node('auth', <<"CONF", $key_conf);
 shared_preload_libraries = 'eventshop,pg_stat_statements'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
-$key_conf
 eventshop.login_lockout = '1s'
 eventshop.login_lockout_max = '4s'
 pg_stat_statements.track = all
@@ -51,8 +46,7 @@ log_statement = none
 log_error_verbosity = default
 max_connections = 40
 CONF
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION eventshop; CREATE EXTENSION pg_stat_statements');
+$node->safe_psql('postgres', 'CREATE EXTENSION pg_stat_statements');
 $node->safe_psql('postgres', 'SELECT eventshop.rotate_signing_keys()');
 
 my %secret;    # every password and token used below, checked against the log at the end
@@ -561,19 +555,11 @@ $node->stop;
 # keys that cannot be tracked are refused as locked out; entries outside
 # their failure window make room.
 # ---------------------------------------------------------------------------
-my $small = PostgreSQL::Test::Cluster->new('auth_small');
-$small->init;
-$small->append_conf('postgresql.conf', <<"CONF");
-shared_preload_libraries = 'eventshop'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
-$key_conf
+my $small = worker_free_node('auth_small', <<"CONF", $key_conf);
 eventshop.login_throttle_entries = 100
 eventshop.login_lockout = '10min'
 eventshop.login_failure_min_duration = 0
 CONF
-$small->start;
-$small->safe_psql('postgres', 'CREATE EXTENSION eventshop');
 $small->safe_psql('postgres', 'SELECT eventshop.rotate_signing_keys()');
 $small->safe_psql('postgres', q{
 SELECT eventshop.register(e, 'tap victim passphrase')

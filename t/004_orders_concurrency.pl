@@ -39,19 +39,13 @@ my $barrier = 4004;    # advisory lock key that holds every client until the rac
 my $timeout = $PostgreSQL::Test::Utils::timeout_default;
 my $scripts = PostgreSQL::Test::Utils::tempdir();    # the clients' SQL scripts
 
-my $node = PostgreSQL::Test::Cluster->new('orders');
-$node->init;
-$node->append_conf('postgresql.conf', key_settings() . <<'CONF');
-shared_preload_libraries = 'eventshop'
-eventshop.relay_enabled = off
-eventshop.dispatcher_enabled = off
+my $node = worker_free_node('orders', <<'CONF');
 max_connections = 60
 # a lock-order deadlock, if the code allowed one, is detected (and raised) quickly
 deadlock_timeout = '20ms'
 log_lock_waits = on
 CONF
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION eventshop; SELECT eventshop.rotate_signing_keys()');
+$node->safe_psql('postgres', 'SELECT eventshop.rotate_signing_keys()');
 if ($node->safe_psql('postgres', "SELECT to_regprocedure('eventshop.place_order(jsonb)') IS NULL") eq 't')
 {
 	$node->stop;
