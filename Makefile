@@ -11,6 +11,8 @@ OBJS = \
 	src/config.o \
 	src/shared_state.o \
 	src/outbox_wakeup.o \
+	src/outbox_ids.o \
+	src/relay_stats.o \
 	src/password_hash.o \
 	src/login_throttle.o \
 	src/auth_context.o \
@@ -23,6 +25,7 @@ OBJS = \
 	src/payment_webhook.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
+	bgworkers/relay_window.o \
 	bgworkers/dispatcher.o \
 	bgworkers/smtp_sender.o
 
@@ -30,6 +33,7 @@ DATA = $(wildcard extension/eventshop--*.sql) extension/eventshop_common_passwor
 PGFILEDESC = "eventshop - event-driven shop backend"
 
 PKG_LIBS    = rdkafka libcurl openssl libjwt
+PG_CFLAGS   = -Wall -Wextra -Werror
 # Server headers as system headers, so -Wextra judges our code, not theirs.
 PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server 2>/dev/null) -I$(srcdir)/src -I$(srcdir)/bgworkers \
 	$(shell pkg-config --cflags $(PKG_LIBS) 2>/dev/null)

@@ -34,8 +34,30 @@ bench_start_cluster() {
 	bench_psql -c "CREATE EXTENSION eventshop" >/dev/null
 }
 
-# Stops the cluster and removes its directory.
+# Starts the dev Kafka broker (librdkafka's mock cluster on 127.0.0.1) and
+# sets BENCH_BOOTSTRAP; bench_stop_cluster stops it. Call before
+# bench_start_cluster so the cluster can name it in its settings.
+bench_start_devbroker() {
+	BENCH_BROKER_DIR=$(mktemp -d /tmp/eventshop-broker.XXXXXX)
+	"$BENCH_BIN/eventshop-devbroker" --bootstrap-file "$BENCH_BROKER_DIR/bootstrap" \
+		>"$BENCH_BROKER_DIR/broker.log" 2>&1 &
+	BENCH_BROKER_PID=$!
+	for _ in $(seq 100); do
+		[ -s "$BENCH_BROKER_DIR/bootstrap" ] && break
+		sleep 0.1
+	done
+	BENCH_BOOTSTRAP=$(cat "$BENCH_BROKER_DIR/bootstrap")
+	trap bench_stop_cluster EXIT
+}
+
+# Stops the cluster (and the dev broker, if started) and removes their directories.
 bench_stop_cluster() {
+	if [ -n "${BENCH_BROKER_PID:-}" ]; then
+		kill "$BENCH_BROKER_PID" 2>/dev/null || true
+		wait "$BENCH_BROKER_PID" 2>/dev/null || true
+		rm -rf "$BENCH_BROKER_DIR"
+		BENCH_BROKER_PID=
+	fi
 	[ -n "${BENCH_WORK:-}" ] || return 0
 	es_as_run_user "$BENCH_BIN/pg_ctl" -D "$BENCH_WORK/data" -m immediate stop >/dev/null 2>&1 || true
 	rm -rf "$BENCH_WORK"

@@ -1,96 +1,125 @@
 /*
  * relay.c
- *		The outbox relay worker: publishes eventshop.outbox rows to Kafka with
- *		librdkafka's idempotent producer and deletes each row only after the
- *		broker acknowledged it (delivery report, not local enqueue).
+ *		The outbox relay worker: publishes eventshop.outbox rows to Kafka, in
+ *		commit order, with librdkafka's idempotent producer.
  *
- * Delivery guarantees:
- *	- At-least-once. A row is read in one transaction, produced, and deleted
- *	  in a later transaction only once its delivery report says the broker
- *	  has it. A crash between the two re-sends the row (a duplicate with the
- *	  same ce_id), it never loses it.
- *	- No skipped rows. Rows are deleted, not tracked by a watermark, so a
- *	  row whose transaction commits after rows with higher ids is simply
- *	  picked up by the next batch.
- *	- Per-key order. Rows are produced in id order through one idempotent
- *	  producer, which keeps per-partition order across retries; keys map to
- *	  partitions with murmur2 as Java clients do.
- *	- No transaction is held open while waiting for the broker, so a broker
- *	  outage blocks nothing but the relay itself.
+ * Delivery guarantees (README "Guarantees" has the user's view):
+ *	- At-least-once. Rows are read window by window (relay_window.c) and
+ *	  produced; the checkpoint advances only over rows whose delivery report
+ *	  said the broker has them. A crash re-sends what was produced after
+ *	  the last checkpoint (at most relay_max_in_flight messages plus what was
+ *	  acknowledged within relay_checkpoint_interval), never loses a row.
+ *	- Commit order per key. Windows follow commit order and one idempotent
+ *	  producer keeps per-partition order across its own retries; messages
+ *	  never time out locally (message.timeout.ms = 0), so a broker outage
+ *	  only delays them. Keys map to partitions with murmur2 as Java clients.
+ *	- Anything that could reorder (a transient delivery failure, a fatal
+ *	  producer error, a settings change with messages in flight) throws the
+ *	  producer away and re-sends from the first unacknowledged row.
+ *	- Poison messages (refused permanently: too large, topic refused) are
+ *	  parked in eventshop.outbox_parked with their error and skipped.
+ *	- No row is written per published event: the checkpoint is one row.
  */
 #include "postgres.h"
 
-#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
-#include "utils/array.h"
-#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "config.h"
 #include "kafka_client.h"
 #include "login_throttle.h"
+#include "relay_stats.h"
+#include "relay_window.h"
 #include "worker_runtime.h"
 
 PGDLLEXPORT void eventshop_relay_main(Datum main_arg);
 
-/* Longest pause between batches after delivery failures. */
-#define RELAY_MAX_BACKOFF_MS	30000
-/* Safety net: re-check the outbox this often even without a wake-up. */
-#define RELAY_IDLE_TIMEOUT_MS	10000
+#define RELAY_IDLE_TIMEOUT_MS	10000	/* look at the outbox this often anyway */
+#define RELAY_MAX_BACKOFF_MS	30000	/* longest pause after delivery failures */
+#define RELAY_RELOAD_DRAIN_MS	5000	/* wait this long for acks before a rebuild */
 
-/* One outbox row in flight. */
+typedef enum RelayMessageState
+{
+	MSG_PENDING = 0,			/* produced, no delivery report yet */
+	MSG_ACKED,					/* the broker has it */
+	MSG_PARK,					/* refused for good: park it */
+	MSG_FAILED					/* failed for now: re-send from here */
+} RelayMessageState;
+
+/* One produced row, in the ring of messages in flight. */
 typedef struct RelayMessage
 {
 	int64		id;
-	char	   *topic;
-	char	   *key;
-	char	   *event_id;
-	char	   *event_type;
-	char	   *payload;
-	bool		done;			/* delivery report received (or produce failed) */
-	rd_kafka_resp_err_t err;	/* RD_KAFKA_RESP_ERR_NO_ERROR once acknowledged */
+	TimestampTz created_at;
+	RelayMessageState state;
+	const char *error;			/* rd_kafka_err2str() text (static) */
 } RelayMessage;
 
-typedef struct RelayBatch
+/* A cached topic handle for each logical topic seen. */
+typedef struct RelayTopic
 {
-	RelayMessage *messages;
-	int			count;
-	int			outstanding;	/* produced, no delivery report yet */
-} RelayBatch;
+	char	   *logical;
+	rd_kafka_topic_t *rkt;
+} RelayTopic;
 
 static EsKafka *relay_kafka = NULL;
-static RelayBatch *current_batch = NULL;	/* target of delivery reports */
-static MemoryContext batch_context = NULL;
+static RelayWindow window;
+static RelayMessage *ring = NULL;
+static uint64 ring_head = 0;		/* oldest message not yet settled */
+static uint64 ring_tail = 0;		/* next message to produce */
+static uint32 ring_size = 0;
+static uint32 generation = 0;		/* bumped when the producer is thrown away */
+static bool resend_needed = false;
+static RelayTopic topics[16];
+static int	ntopics = 0;
+static char *topic_prefix_used = NULL;	/* eventshop.topic_prefix of the handles */
+
+/* rows to park at the next checkpoint */
+static int	nparked = 0;
+static int64 *parked_ids = NULL;
+static char **parked_errors = NULL;
 
 static void relay_open_producer(void);
+static void relay_drop_producer(void);
 static void relay_close_producer(int code, Datum arg);
+static void relay_on_client_error(rd_kafka_resp_err_t err, const char *reason);
 static void relay_flush_deferred_events(void);
-static int	relay_read_batch(RelayBatch *batch);
-static void relay_produce_batch(RelayBatch *batch);
-static bool relay_await_acknowledgements(RelayBatch *batch);
-static int	relay_settle_batch(RelayBatch *batch);
+static void relay_emit(const RelayRow *row, void *arg);
+static rd_kafka_topic_t *relay_topic(const char *logical);
 static void relay_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque);
-static long relay_next_backoff(long backoff_ms);
+static bool relay_permanent_error(rd_kafka_resp_err_t err);
+static void relay_note_message_error(const RelayMessage *m);
+static void relay_settle(void);
+static void relay_park(int64 id, const char *error);
+static void relay_checkpoint(void);
+static uint32 relay_in_flight(void);
 
-/* Worker entry point: publish batches until SIGTERM, sleeping on latch + Kafka when idle. */
+/* Worker entry point: publish until SIGTERM, sleeping on latch + Kafka when idle. */
 void
 eventshop_relay_main(Datum main_arg)
 {
+	bool		loaded = false;
 	long		backoff_ms = 0;
+	TimestampTz last_checkpoint = 0;
+	TimestampTz reload_since = 0;
 
 	(void) main_arg;
 	es_worker_start(ES_WORKER_RELAY);
 	on_proc_exit(relay_close_producer, (Datum) 0);
-	batch_context = AllocSetContextCreate(TopMemoryContext, "eventshop relay batch",
-										  ALLOCSET_DEFAULT_SIZES);
+	es_relay_stats_worker_started();
+
+	ring_size = (uint32) es_relay_max_in_flight;
+	ring = MemoryContextAllocZero(TopMemoryContext, sizeof(RelayMessage) * ring_size);
+	parked_ids = MemoryContextAlloc(TopMemoryContext, sizeof(int64) * ring_size);
+	parked_errors = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * ring_size);
 
 	for (;;)
 	{
-		RelayBatch	batch = {0};
-		int			failed;
+		TimestampTz now;
+		long		timeout_ms;
 		bool		reloaded;
 
 		if (!es_worker_extension_ready())
@@ -98,62 +127,182 @@ eventshop_relay_main(Datum main_arg)
 			es_worker_wait(RELAY_IDLE_TIMEOUT_MS, PGINVALID_SOCKET);
 			continue;
 		}
-		if (relay_kafka != NULL && (relay_kafka->fatal || es_kafka_settings_changed(relay_kafka)))
+		if (!loaded)
 		{
-			es_kafka_close(relay_kafka);
-			relay_kafka = NULL;
+			relay_window_load(&window);
+			loaded = true;
+		}
+
+		/* Rebuild the producer after a fatal error, or after a reload once drained. */
+		if (relay_kafka != NULL && relay_kafka->fatal)
+			resend_needed = true;
+		if (relay_kafka != NULL && reload_since == 0 &&
+			(es_kafka_settings_changed(relay_kafka) ||
+			 strcmp(topic_prefix_used, es_topic_prefix ? es_topic_prefix : "") != 0))
+			reload_since = GetCurrentTimestamp();
+		if (reload_since != 0 &&
+			(relay_in_flight() == 0 ||
+			 TimestampDifferenceExceeds(reload_since, GetCurrentTimestamp(), RELAY_RELOAD_DRAIN_MS)))
+		{
+			if (relay_in_flight() > 0)
+				resend_needed = true;
+			relay_drop_producer();
+			reload_since = 0;
+		}
+		if (resend_needed)
+		{
+			relay_drop_producer();
+			relay_window_rewind(&window);
+			resend_needed = false;
+			if (backoff_ms > 0)
+			{
+				es_worker_wait(backoff_ms, PGINVALID_SOCKET);
+				continue;
+			}
 		}
 		if (relay_kafka == NULL)
 			relay_open_producer();
 
-		MemoryContextReset(batch_context);
 		relay_flush_deferred_events();
-		if (relay_read_batch(&batch) > 0)
+
+		/* Read and produce while there is room in flight. */
+		while (!window.all_read && reload_since == 0 && !resend_needed &&
+			   relay_in_flight() < ring_size)
 		{
-			relay_produce_batch(&batch);
-			if (!relay_await_acknowledgements(&batch))
-				continue;		/* producer became unusable; rebuild and resend */
-			failed = relay_settle_batch(&batch);
-			backoff_ms = failed > 0 ? relay_next_backoff(backoff_ms) : 0;
-			if (backoff_ms == 0 && batch.count == es_relay_batch_size)
+			int			room = (int) Min((uint32) es_relay_batch_size, ring_size - relay_in_flight());
+			int			count = relay_window_read(&window, room, relay_emit, NULL);
+
+			es_relay_stats_produced(count);
+			rd_kafka_poll(relay_kafka->rk, 0);
+			relay_settle();
+			if (es_worker_check_interrupts())
+				break;
+		}
+		rd_kafka_poll(relay_kafka->rk, 0);
+		relay_settle();
+		if (resend_needed)
+		{
+			backoff_ms = backoff_ms == 0 ? 1000 : Min(backoff_ms * 2, RELAY_MAX_BACKOFF_MS);
+			continue;
+		}
+
+		/* A fully published window: move on, and look again at once if it had rows. */
+		if (window.open && window.all_read && relay_in_flight() == 0)
+		{
+			bool		had_rows = window.rows_read > 0;
+
+			relay_window_close(&window);
+			backoff_ms = 0;
+			if (had_rows)
 			{
-				es_worker_check_interrupts();
-				continue;		/* more rows are likely waiting */
+				now = GetCurrentTimestamp();
+				if (TimestampDifferenceExceeds(last_checkpoint, now, es_relay_checkpoint_interval_ms))
+				{
+					relay_checkpoint();
+					last_checkpoint = now;
+				}
+				continue;
 			}
 		}
 
-		/* Idle (or backing off): sleep until a commit wakes us or Kafka has news. */
-		reloaded = es_worker_wait(backoff_ms > 0 ? backoff_ms : RELAY_IDLE_TIMEOUT_MS,
-								  relay_kafka->wake_pipe[0]);
+		/* Checkpoint now if due, else sleep no longer than until it is due. */
+		now = GetCurrentTimestamp();
+		timeout_ms = relay_in_flight() > 0 ? 1000 : RELAY_IDLE_TIMEOUT_MS;
+		if (window.dirty || nparked > 0)
+		{
+			long		since = (long) ((now - last_checkpoint) / 1000);
+
+			if (since >= es_relay_checkpoint_interval_ms)
+			{
+				relay_checkpoint();
+				last_checkpoint = now;
+			}
+			else
+				timeout_ms = Min(timeout_ms, es_relay_checkpoint_interval_ms - since);
+		}
+		if (reload_since != 0)
+			timeout_ms = Min(timeout_ms, 100);
+
+		reloaded = es_worker_wait(timeout_ms, relay_kafka->wake_pipe[0]);
 		es_kafka_drain_wakeups(relay_kafka);
 		rd_kafka_poll(relay_kafka->rk, 0);
+		relay_settle();
 		if (reloaded)
 			backoff_ms = 0;
 	}
 }
 
-/* Builds the idempotent producer from the current settings. */
+/*
+ * Builds the idempotent producer. Defaults favour latency; everything but
+ * idempotence, the partitioner and the endless local timeout can be
+ * overridden through eventshop.kafka_properties (acks, compression, TLS,
+ * SASL, batching...).
+ */
 static void
 relay_open_producer(void)
 {
-	rd_kafka_conf_t *conf = es_kafka_conf_new("relay");
+	char		queue_limit[32];
+	static const char *const defaults[] = {
+		"linger.ms", "1",
+		"batch.num.messages", "10000",
+		"queue.buffering.max.kbytes", "1048576",
+		NULL
+	};
+	rd_kafka_conf_t *conf = es_kafka_conf_new_with_defaults("relay", defaults);
 
+	snprintf(queue_limit, sizeof(queue_limit), "%d", Max(es_relay_max_in_flight + 1000, 100000));
+	es_kafka_conf_set(conf, "queue.buffering.max.messages", queue_limit);
 	es_kafka_conf_set(conf, "enable.idempotence", "true");
 	es_kafka_conf_set(conf, "partitioner", "murmur2_random");
-	es_kafka_conf_set(conf, "linger.ms", "1");
-	es_kafka_conf_set(conf, "message.timeout.ms", "30000");
+	es_kafka_conf_set(conf, "message.timeout.ms", "0");
 	rd_kafka_conf_set_dr_msg_cb(conf, relay_delivery_report);
 	relay_kafka = es_kafka_open(RD_KAFKA_PRODUCER, conf, "relay");
+	relay_kafka->on_error = relay_on_client_error;
+	if (topic_prefix_used != NULL)
+		pfree(topic_prefix_used);
+	topic_prefix_used = MemoryContextStrdup(TopMemoryContext, es_topic_prefix ? es_topic_prefix : "");
 }
 
-/* on_proc_exit: drops the producer; unacknowledged rows stay in the outbox. */
+/*
+ * Throws the producer away (purging what it holds; late reports are
+ * ignored by generation) and forgets the messages in flight: the window
+ * re-reads them from the first unsettled one.
+ */
+static void
+relay_drop_producer(void)
+{
+	for (int i = 0; i < ntopics; i++)
+	{
+		rd_kafka_topic_destroy(topics[i].rkt);
+		pfree(topics[i].logical);
+	}
+	ntopics = 0;
+	generation++;
+	es_kafka_close(relay_kafka);
+	relay_kafka = NULL;
+	ring_head = ring_tail = 0;
+}
+
+/* on_proc_exit: drops the producer; unacknowledged rows are re-sent after a restart. */
 static void
 relay_close_producer(int code, Datum arg)
 {
 	(void) code;
 	(void) arg;
-	es_kafka_close(relay_kafka);
-	relay_kafka = NULL;
+	if (relay_kafka != NULL)
+		relay_drop_producer();
+}
+
+/* Client errors (served on this thread): broker state and last error for outbox_status. */
+static void
+relay_on_client_error(rd_kafka_resp_err_t err, const char *reason)
+{
+	char		text[256];
+
+	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+		es_relay_stats_broker_state(ES_BROKER_DOWN);
+	snprintf(text, sizeof(text), "%s: %s", rd_kafka_err2name(err), reason);
+	es_relay_stats_error(text);
 }
 
 /*
@@ -172,189 +321,178 @@ relay_flush_deferred_events(void)
 	es_worker_commit();
 }
 
-/* Reads up to eventshop.relay_batch_size rows, oldest first, into batch_context. */
-static int
-relay_read_batch(RelayBatch *batch)
-{
-	Oid			argtypes[1] = {INT4OID};
-	Datum		args[1] = {Int32GetDatum(es_relay_batch_size)};
-	MemoryContext oldcontext;
-	int			rc;
-
-	es_worker_begin("eventshop relay: reading outbox");
-	rc = SPI_execute_with_args(
-							   "SELECT id, topic, message_key, event_id::text, event_type, payload::text "
-							   "FROM eventshop.outbox ORDER BY id LIMIT $1",
-							   1, argtypes, args, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "eventshop relay: reading the outbox failed: %s", SPI_result_code_string(rc));
-
-	oldcontext = MemoryContextSwitchTo(batch_context);
-	batch->count = (int) SPI_processed;
-	batch->messages = palloc0(sizeof(RelayMessage) * Max(batch->count, 1));
-	for (int i = 0; i < batch->count; i++)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		RelayMessage *m = &batch->messages[i];
-		bool		isnull;
-
-		m->id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
-		m->topic = es_kafka_topic_name(SPI_getvalue(tuple, desc, 2));
-		m->key = SPI_getvalue(tuple, desc, 3);
-		m->event_id = SPI_getvalue(tuple, desc, 4);
-		m->event_type = SPI_getvalue(tuple, desc, 5);
-		m->payload = SPI_getvalue(tuple, desc, 6);
-	}
-	MemoryContextSwitchTo(oldcontext);
-	es_worker_commit();
-	return batch->count;
-}
-
-/* Hands every message of the batch to librdkafka, in id order. */
+/* Produces one row (the window reader's callback); the ring has room for it. */
 static void
-relay_produce_batch(RelayBatch *batch)
+relay_emit(const RelayRow *row, void *arg)
 {
-	current_batch = batch;
-	for (int i = 0; i < batch->count; i++)
-	{
-		RelayMessage *m = &batch->messages[i];
-		rd_kafka_resp_err_t err;
+	uint64		seq = ring_tail++;
+	RelayMessage *m = &ring[seq % ring_size];
+	rd_kafka_resp_err_t err;
 
-		for (;;)
-		{
-			err = rd_kafka_producev(relay_kafka->rk,
-									RD_KAFKA_V_TOPIC(m->topic),
-									RD_KAFKA_V_KEY(m->key, strlen(m->key)),
-									RD_KAFKA_V_VALUE(m->payload, strlen(m->payload)),
-									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-									RD_KAFKA_V_HEADER("ce_id", m->event_id, -1),
-									RD_KAFKA_V_HEADER("ce_type", m->event_type, -1),
-									RD_KAFKA_V_OPAQUE((void *) (intptr_t) i),
-									RD_KAFKA_V_END);
-			if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
-				break;
-			/* local queue full: serve delivery reports to make room */
-			rd_kafka_poll(relay_kafka->rk, 100);
-			es_worker_check_interrupts();
-		}
-		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-			batch->outstanding++;
-		else
-		{
-			m->done = true;
-			m->err = err;
-		}
-	}
-}
+	(void) arg;
+	m->id = row->id;
+	m->created_at = row->created_at;
+	m->state = MSG_PENDING;
+	m->error = NULL;
 
-/*
- * Waits until every produced message has a delivery report. Returns false
- * if the producer hit a fatal error: its reports will never come, so the
- * caller rebuilds it and the rows, still in the outbox, are sent again.
- */
-static bool
-relay_await_acknowledgements(RelayBatch *batch)
-{
 	for (;;)
 	{
-		es_kafka_drain_wakeups(relay_kafka);
-		rd_kafka_poll(relay_kafka->rk, 0);
-		if (batch->outstanding == 0)
+		err = rd_kafka_producev(relay_kafka->rk,
+								RD_KAFKA_V_RKT(relay_topic(row->topic)),
+								RD_KAFKA_V_KEY(row->key, (size_t) row->key_len),
+								RD_KAFKA_V_VALUE((void *) row->payload, (size_t) row->payload_len),
+								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+								RD_KAFKA_V_HEADER("ce_id", row->event_id, -1),
+								RD_KAFKA_V_HEADER("ce_type", row->event_type, -1),
+								RD_KAFKA_V_OPAQUE((void *) (uintptr_t) (((uint64) generation << 32) | (seq % ring_size))),
+								RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;
-		if (relay_kafka->fatal)
-		{
-			current_batch = NULL;
-			return false;
-		}
-		es_worker_wait(1000, relay_kafka->wake_pipe[0]);
+		rd_kafka_poll(relay_kafka->rk, 10);		/* make room (reports only mark the ring) */
 	}
-	current_batch = NULL;
-	return true;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	m->error = rd_kafka_err2str(err);
+	m->state = relay_permanent_error(err) ? MSG_PARK : MSG_FAILED;
+	relay_note_message_error(m);
 }
 
-/*
- * Deletes the acknowledged rows and records the error on the others, in one
- * transaction. Returns the number of failed rows.
- */
-static int
-relay_settle_batch(RelayBatch *batch)
+/* The librdkafka topic handle for a logical topic (with eventshop.topic_prefix). */
+static rd_kafka_topic_t *
+relay_topic(const char *logical)
 {
-	Datum	   *acked = palloc(sizeof(Datum) * batch->count);
-	Datum	   *failed_ids = palloc(sizeof(Datum) * batch->count);
-	Datum	   *failed_errors = palloc(sizeof(Datum) * batch->count);
-	int			nacked = 0;
-	int			nfailed = 0;
-	rd_kafka_resp_err_t first_error = RD_KAFKA_RESP_ERR_NO_ERROR;
-
-	for (int i = 0; i < batch->count; i++)
-	{
-		RelayMessage *m = &batch->messages[i];
-
-		if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
-			acked[nacked++] = Int64GetDatum(m->id);
-		else
-		{
-			failed_ids[nfailed] = Int64GetDatum(m->id);
-			failed_errors[nfailed] = CStringGetTextDatum(rd_kafka_err2str(m->err));
-			if (nfailed++ == 0)
-				first_error = m->err;
-		}
-	}
-
-	es_worker_begin("eventshop relay: settling batch");
-	if (nacked > 0)
-	{
-		Oid			argtypes[1] = {INT8ARRAYOID};
-		Datum		args[1];
-
-		args[0] = PointerGetDatum(construct_array(acked, nacked, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		if (SPI_execute_with_args("DELETE FROM eventshop.outbox WHERE id = ANY ($1)",
-								  1, argtypes, args, NULL, false, 0) != SPI_OK_DELETE)
-			elog(ERROR, "eventshop relay: deleting published rows failed");
-	}
-	if (nfailed > 0)
-	{
-		Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
-		Datum		args[2];
-
-		args[0] = PointerGetDatum(construct_array(failed_ids, nfailed, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		args[1] = PointerGetDatum(construct_array(failed_errors, nfailed, TEXTOID, -1, false, TYPALIGN_INT));
-		if (SPI_execute_with_args("UPDATE eventshop.outbox o SET attempts = o.attempts + 1, last_error = f.error "
-								  "FROM unnest($1, $2) AS f(id, error) WHERE o.id = f.id",
-								  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "eventshop relay: recording delivery errors failed");
-		ereport(LOG,
-				(errmsg("eventshop relay: %d of %d events were not acknowledged by Kafka and will be retried",
-						nfailed, batch->count),
-				 errdetail("First error: %s.", rd_kafka_err2str(first_error))));
-	}
-	es_worker_commit();
-	return nfailed;
+	for (int i = 0; i < ntopics; i++)
+		if (strcmp(topics[i].logical, logical) == 0)
+			return topics[i].rkt;
+	if (ntopics == lengthof(topics))
+		elog(ERROR, "eventshop relay: too many distinct topics");
+	topics[ntopics].logical = MemoryContextStrdup(TopMemoryContext, logical);
+	topics[ntopics].rkt = rd_kafka_topic_new(relay_kafka->rk, es_kafka_topic_name(logical), NULL);
+	if (topics[ntopics].rkt == NULL)
+		elog(ERROR, "eventshop relay: could not create topic handle for \"%s\": %s", logical,
+			 rd_kafka_err2str(rd_kafka_last_error()));
+	return topics[ntopics++].rkt;
 }
 
-/* Delivery report (served by rd_kafka_poll on this thread): marks the message acknowledged or failed. */
+/* Delivery report (served by rd_kafka_poll on this thread): marks its ring slot. */
 static void
 relay_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 {
-	intptr_t	index = (intptr_t) msg->_private;
+	uint64		tag = (uint64) (uintptr_t) msg->_private;
 	RelayMessage *m;
 
 	(void) rk;
 	(void) opaque;
-	if (current_batch == NULL || index < 0 || index >= current_batch->count)
-		return;					/* a report for a batch we gave up on */
-	m = &current_batch->messages[index];
-	if (m->done)
+	if ((uint32) (tag >> 32) != generation || (tag & 0xffffffff) >= ring_size)
+		return;					/* from a producer we threw away */
+	m = &ring[tag & 0xffffffff];
+	if (m->state != MSG_PENDING)
 		return;
-	m->done = true;
-	m->err = msg->err;
-	current_batch->outstanding--;
+	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		m->state = MSG_ACKED;
+		es_relay_stats_acknowledged(m->created_at, GetCurrentTimestamp());
+		return;
+	}
+	m->error = rd_kafka_err2str(msg->err);
+	m->state = relay_permanent_error(msg->err) ? MSG_PARK : MSG_FAILED;
+	relay_note_message_error(m);
 }
 
-/* Doubles the pause after a failed batch, from 1 s up to RELAY_MAX_BACKOFF_MS. */
-static long
-relay_next_backoff(long backoff_ms)
+/* Counts a per-message error and keeps it as the last error (no allocation: may run in a report). */
+static void
+relay_note_message_error(const RelayMessage *m)
 {
-	return backoff_ms == 0 ? 1000 : Min(backoff_ms * 2, RELAY_MAX_BACKOFF_MS);
+	char		text[256];
+
+	snprintf(text, sizeof(text), "event %lld: %s", (long long) m->id, m->error);
+	es_relay_stats_error(text);
+}
+
+/* Errors that re-sending cannot fix: the message itself or its topic is refused. */
+static bool
+relay_permanent_error(rd_kafka_resp_err_t err)
+{
+	switch (err)
+	{
+		case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_INVALID_MSG:
+		case RD_KAFKA_RESP_ERR_INVALID_MSG_SIZE:
+		case RD_KAFKA_RESP_ERR_INVALID_RECORD:
+		case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
+		case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+		case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
+		case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
+		case RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION:
+		case RD_KAFKA_RESP_ERR_POLICY_VIOLATION:
+		case RD_KAFKA_RESP_ERR__INVALID_ARG:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Advances over settled messages at the head of the ring, in order: the
+ * window's acked_id follows, refused rows are queued for parking, and a
+ * failed message stops everything for a re-send.
+ */
+static void
+relay_settle(void)
+{
+	while (ring_head < ring_tail)
+	{
+		RelayMessage *m = &ring[ring_head % ring_size];
+
+		if (m->state == MSG_PENDING)
+			break;
+		if (m->state == MSG_FAILED)
+		{
+			resend_needed = true;
+			return;
+		}
+		if (m->state == MSG_PARK)
+			relay_park(m->id, m->error);
+		else
+			window.published_total++;
+		window.acked_id = m->id;
+		window.dirty = true;
+		ring_head++;
+	}
+	if (ring_head == ring_tail && window.open && window.acked_id != window.read_id)
+	{
+		/* nothing in flight: every row read so far is settled */
+		window.acked_id = window.read_id;
+		window.dirty = true;
+	}
+}
+
+static void
+relay_park(int64 id, const char *error)
+{
+	ereport(LOG,
+			(errmsg("eventshop relay: event %lld was refused by Kafka and is parked: %s", (long long) id, error),
+			 errhint("See eventshop.parked_events; retry it with eventshop.retry_parked_event(%lld) or discard it with eventshop.discard_parked_event(%lld).",
+					 (long long) id, (long long) id)));
+	parked_ids[nparked] = id;
+	parked_errors[nparked] = (char *) error;
+	nparked++;
+	es_relay_stats_parked(1);
+	if (nparked == (int) ring_size)
+		relay_checkpoint();
+}
+
+/* Stores the checkpoint (with the rows to park) in one transaction. */
+static void
+relay_checkpoint(void)
+{
+	relay_window_save(&window, nparked, parked_ids, parked_errors);
+	nparked = 0;
+}
+
+static uint32
+relay_in_flight(void)
+{
+	return (uint32) (ring_tail - ring_head);
 }

@@ -90,11 +90,30 @@ SELECT eventshop._load_common_passwords();
 
 -- ---------------------------------------------------------------------------
 -- Transactional outbox. One row per event, written in the same transaction
--- as the change it describes; the relay worker publishes rows to Kafka and
--- deletes each one only after the broker acknowledged it.
+-- as the change it describes. The relay worker publishes rows in commit
+-- order without writing to them: its progress is a pair of transaction
+-- snapshots (eventshop.relay_progress), so a published row costs no UPDATE
+-- or DELETE. Published rows are removed in bulk by purge_published_events():
+-- the table is a ring of eight list partitions of 2^20 ids each, and a
+-- partition whose rows are all published is truncated, not deleted from.
+--
+-- How commit order is kept (bgworkers/relay_window.c has the details): each
+-- row records its top-level transaction id, taken before its row id (see
+-- _next_outbox_id), so the relay can tell which rows became visible between
+-- two snapshots and find late committers by transaction id.
 -- ---------------------------------------------------------------------------
+CREATE SEQUENCE eventshop.outbox_id_seq AS bigint CACHE 1;
+COMMENT ON SEQUENCE eventshop.outbox_id_seq IS 'Outbox row ids. CACHE must stay 1: the relay reads its position to bound the ids a snapshot can still miss.';
+
+CREATE FUNCTION eventshop._next_outbox_id()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'eventshop_next_outbox_id'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION eventshop._next_outbox_id() IS 'Internal: the next outbox row id, drawn only after the transaction has its id (the relay''s commit-order reasoning depends on it).';
+
 CREATE TABLE eventshop.outbox (
-	id				bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	id				bigint NOT NULL DEFAULT eventshop._next_outbox_id(),
+	txid			xid8 NOT NULL DEFAULT pg_current_xact_id(),
 	topic			text NOT NULL CHECK (topic IN ('auth.events', 'orders.events', 'payments.events',
 												   'registrations.events', 'invites.events',
 												   'notifications.events')),
@@ -102,13 +121,71 @@ CREATE TABLE eventshop.outbox (
 	event_id		uuid NOT NULL,
 	event_type		text NOT NULL,
 	payload			json NOT NULL,
-	created_at		timestamptz NOT NULL DEFAULT clock_timestamp(),
-	attempts		integer NOT NULL DEFAULT 0,
-	last_error		text
-);
-COMMENT ON TABLE eventshop.outbox IS 'Events waiting to be published to Kafka; payload is the complete CloudEvents 1.0 JSON document.';
-SELECT pg_catalog.pg_extension_config_dump('eventshop.outbox', '');
+	created_at		timestamptz NOT NULL DEFAULT clock_timestamp()
+) PARTITION BY LIST (((id / 1048576) % 8));
+ALTER SEQUENCE eventshop.outbox_id_seq OWNED BY eventshop.outbox.id;
+COMMENT ON TABLE eventshop.outbox IS 'Events in commit order for the relay; payload is the complete CloudEvents 1.0 JSON document. Rows stay after publication until purge_published_events() removes them.';
+COMMENT ON COLUMN eventshop.outbox.txid IS 'Top-level id of the writing transaction: the relay publishes a row once this transaction is visible in its snapshot.';
+
+DO $$
+BEGIN
+	FOR slot IN 0..7 LOOP
+		EXECUTE format('CREATE TABLE eventshop.outbox_%s PARTITION OF eventshop.outbox FOR VALUES IN (%s)', slot, slot);
+		EXECUTE format('ALTER TABLE eventshop.outbox_%s ADD PRIMARY KEY (id)', slot);
+		EXECUTE format('CREATE INDEX ON eventshop.outbox_%s (txid, id)', slot);
+		EXECUTE format('COMMENT ON TABLE eventshop.outbox_%s IS %L', slot,
+					   'Ring slot ' || slot || ' of eventshop.outbox (ids whose 2^20 block number is ' || slot || ' modulo 8).');
+		PERFORM pg_catalog.pg_extension_config_dump(format('eventshop.outbox_%s', slot)::regclass, '');
+	END LOOP;
+END
+$$;
 SELECT pg_catalog.pg_extension_config_dump('eventshop.outbox_id_seq', '');
+
+-- The relay's position. prev_* describe the snapshot below which everything
+-- is published; cur_* the snapshot being published (NULL between windows),
+-- of which every row with id <= acked_id is published. For each snapshot:
+-- id_bound is the sequence position read just before it, id_limit the one
+-- read just after it, next_xid the next transaction id read just after it
+-- (rows with id <= id_bound that the snapshot could not see belong to its
+-- running transactions: xip and [xmax, next_xid)).
+CREATE TABLE eventshop.relay_progress (
+	singleton		boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+	prev_snapshot	pg_snapshot NOT NULL,
+	prev_id_bound	bigint NOT NULL,
+	prev_next_xid	xid8 NOT NULL,
+	cur_snapshot	pg_snapshot,
+	cur_id_bound	bigint,
+	cur_next_xid	xid8,
+	cur_id_limit	bigint,
+	acked_id		bigint NOT NULL DEFAULT 0,
+	published_below	bigint NOT NULL DEFAULT 0,
+	published_total	bigint NOT NULL DEFAULT 0,
+	updated_at		timestamptz NOT NULL DEFAULT now(),
+	CHECK ((cur_snapshot IS NULL) = (cur_id_bound IS NULL) AND (cur_snapshot IS NULL) = (cur_next_xid IS NULL)
+		   AND (cur_snapshot IS NULL) = (cur_id_limit IS NULL))
+);
+COMMENT ON TABLE eventshop.relay_progress IS 'The relay''s checkpoint (one row): which committed outbox rows are published. Written only by the relay worker.';
+COMMENT ON COLUMN eventshop.relay_progress.published_below IS 'Every outbox row with an id up to this one is published (or its transaction aborted): purge_published_events() may remove them.';
+-- Starting point: nothing committed before CREATE EXTENSION is in the outbox.
+INSERT INTO eventshop.relay_progress (prev_snapshot, prev_id_bound, prev_next_xid)
+VALUES (pg_current_snapshot(), 0, pg_snapshot_xmax(pg_current_snapshot()));
+SELECT pg_catalog.pg_extension_config_dump('eventshop.relay_progress', '');
+
+-- Events the broker refused permanently (too large, topic refused...):
+-- moved aside so they never block the events behind them.
+CREATE TABLE eventshop.outbox_parked (
+	id				bigint PRIMARY KEY,
+	topic			text NOT NULL,
+	message_key		text NOT NULL,
+	event_id		uuid NOT NULL,
+	event_type		text NOT NULL,
+	payload			json NOT NULL,
+	created_at		timestamptz NOT NULL,
+	error			text NOT NULL,
+	parked_at		timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE eventshop.outbox_parked IS 'Poison events: refused permanently by Kafka, kept with the error until an administrator retries or discards them.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.outbox_parked', '');
 
 CREATE FUNCTION eventshop._wake_worker_on_commit()
 RETURNS trigger
@@ -130,6 +207,17 @@ AS $$
 DECLARE
 	v_id uuid := gen_random_uuid();
 BEGIN
+	-- the table's constraints would say the same, naming a ring partition
+	IF topic IS NULL OR topic NOT IN ('auth.events', 'orders.events', 'payments.events', 'registrations.events',
+									  'invites.events', 'notifications.events') THEN
+		RAISE EXCEPTION 'unknown event topic "%"', topic USING ERRCODE = '23514';
+	ELSIF message_key IS NULL THEN
+		RAISE EXCEPTION 'an event needs a message key' USING ERRCODE = '23502';
+	ELSIF octet_length(message_key) NOT BETWEEN 1 AND 512 THEN
+		RAISE EXCEPTION 'an event message key must be 1 to 512 bytes long' USING ERRCODE = '23514';
+	ELSIF event_type IS NULL THEN
+		RAISE EXCEPTION 'an event needs a type' USING ERRCODE = '23502';
+	END IF;
 	INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload)
 	VALUES (topic, message_key, v_id, event_type,
 			json_build_object(
@@ -146,14 +234,171 @@ END
 $$;
 COMMENT ON FUNCTION eventshop._emit_event(text, text, text, jsonb) IS 'Internal: adds one CloudEvent to the outbox in the current transaction and returns its id.';
 
+CREATE FUNCTION eventshop._relay_stats(
+	OUT produced bigint, OUT acknowledged bigint, OUT parked bigint, OUT delivery_errors bigint,
+	OUT last_error text, OUT last_error_at timestamptz, OUT broker_state text, OUT worker_started_at timestamptz,
+	OUT latency_samples bigint, OUT ack_latency_p50_ms double precision, OUT ack_latency_p99_ms double precision)
+AS 'MODULE_PATHNAME', 'eventshop_relay_stats'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION eventshop._relay_stats() IS 'Internal: the relay worker''s shared-memory counters since the server started (see outbox_status).';
+
+CREATE FUNCTION eventshop.reset_relay_latency()
+RETURNS void
+AS 'MODULE_PATHNAME', 'eventshop_reset_relay_latency'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION eventshop.reset_relay_latency() IS 'Empties the relay''s commit-to-acknowledgement latency histogram (outbox_status.ack_latency_p50_ms/p99_ms), e.g. before a measurement.';
+
+-- Rows the relay has not published yet, as of its last checkpoint.
+CREATE FUNCTION eventshop._unpublished_events(OUT backlog bigint, OUT oldest_created_at timestamptz)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT count(*), min(o.created_at)
+	FROM eventshop.relay_progress p
+	JOIN eventshop.outbox o
+	  ON o.txid >= pg_snapshot_xmin(p.prev_snapshot)
+	 AND NOT pg_visible_in_snapshot(o.txid, p.prev_snapshot)
+	 AND NOT (p.cur_snapshot IS NOT NULL AND pg_visible_in_snapshot(o.txid, p.cur_snapshot)
+			  AND o.id <= p.acked_id)
+$$;
+COMMENT ON FUNCTION eventshop._unpublished_events() IS 'Internal: outbox rows committed but not yet acknowledged by Kafka according to the relay''s checkpoint.';
+
 CREATE VIEW eventshop.outbox_status AS
 SELECT
-	count(*) AS backlog,
-	count(*) FILTER (WHERE attempts > 0) AS retried,
-	max(clock_timestamp() - created_at) AS oldest_age,
-	(SELECT o.last_error FROM eventshop.outbox o WHERE o.last_error IS NOT NULL ORDER BY o.id DESC LIMIT 1) AS last_error
-FROM eventshop.outbox;
-COMMENT ON VIEW eventshop.outbox_status IS 'Events not yet acknowledged by Kafka: how many, how old the oldest is, and the latest delivery error.';
+	u.backlog,
+	clock_timestamp() - u.oldest_created_at AS oldest_unpublished_age,
+	s.produced,
+	s.acknowledged,
+	p.published_total,
+	(SELECT count(*) FROM eventshop.outbox_parked) AS parked,
+	s.delivery_errors,
+	s.last_error,
+	s.last_error_at,
+	s.broker_state,
+	s.ack_latency_p50_ms,
+	s.ack_latency_p99_ms,
+	s.worker_started_at,
+	p.updated_at AS checkpoint_at
+FROM eventshop._unpublished_events() u,
+	 eventshop.relay_progress p,
+	 eventshop._relay_stats() s;
+COMMENT ON VIEW eventshop.outbox_status IS 'The relay at a glance: events not yet acknowledged by Kafka (as of its last checkpoint) and the age of the oldest, messages produced and acknowledged since the server started, events published in total, parked poison events, the last error and the broker state, commit-to-acknowledgement latency.';
+
+CREATE VIEW eventshop.parked_events AS
+SELECT id, topic, message_key, event_id, event_type, octet_length(payload::text) AS payload_bytes,
+	   error, created_at, parked_at
+FROM eventshop.outbox_parked;
+COMMENT ON VIEW eventshop.parked_events IS 'Events Kafka refused permanently (too large, topic refused...), with the error; retry_parked_event() or discard_parked_event() them.';
+
+-- Puts a parked event back in the outbox (with the same CloudEvents id, so
+-- consumers can still tell it apart from a new event). Returns its event id.
+CREATE FUNCTION eventshop.retry_parked_event(id bigint)
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_event eventshop.outbox_parked%ROWTYPE;
+BEGIN
+	IF retry_parked_event.id IS NULL THEN
+		RAISE EXCEPTION 'the parked event id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	DELETE FROM eventshop.outbox_parked p WHERE p.id = retry_parked_event.id RETURNING * INTO v_event;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'there is no parked event %', retry_parked_event.id USING ERRCODE = 'P0002',
+			HINT = 'eventshop.parked_events lists the parked events.';
+	END IF;
+	INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload, created_at)
+	VALUES (v_event.topic, v_event.message_key, v_event.event_id, v_event.event_type, v_event.payload,
+			clock_timestamp());
+	RETURN v_event.event_id;
+END
+$$;
+COMMENT ON FUNCTION eventshop.retry_parked_event(bigint) IS 'Queues a parked event for publication again (after the cause was fixed, e.g. the broker''s message size limit raised); returns its CloudEvents id. Errors: 22004 NULL id, P0002 no such parked event.';
+
+CREATE FUNCTION eventshop.retry_parked_events()
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT count(eventshop.retry_parked_event(p.id))::integer
+	FROM (SELECT id FROM eventshop.outbox_parked ORDER BY id) p
+$$;
+COMMENT ON FUNCTION eventshop.retry_parked_events() IS 'Queues every parked event for publication again, oldest first; returns how many.';
+
+CREATE FUNCTION eventshop.discard_parked_event(id bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF discard_parked_event.id IS NULL THEN
+		RAISE EXCEPTION 'the parked event id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	DELETE FROM eventshop.outbox_parked p WHERE p.id = discard_parked_event.id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'there is no parked event %', discard_parked_event.id USING ERRCODE = 'P0002',
+			HINT = 'eventshop.parked_events lists the parked events.';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop.discard_parked_event(bigint) IS 'Drops a parked event for good. Errors: 22004 NULL id, P0002 no such parked event.';
+
+-- Removes published rows: whole ring slots by TRUNCATE when every row in
+-- them is published and older than the retention, else row by row. A slot
+-- that is busy (inserts or the relay reading it) is left for the next run.
+CREATE FUNCTION eventshop.purge_published_events(retention interval DEFAULT interval '0')
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_below		bigint;
+	v_cutoff	timestamptz;
+	v_removed	bigint := 0;
+	v_newest	record;
+	v_count		bigint;
+BEGIN
+	IF retention IS NULL OR retention < interval '0' THEN
+		RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
+	END IF;
+	SELECT p.published_below INTO v_below FROM eventshop.relay_progress p;
+	v_cutoff := clock_timestamp() - retention;
+	IF v_below IS NULL OR v_below <= 0 THEN
+		RETURN 0;
+	END IF;
+	FOR slot IN 0..7 LOOP
+		EXECUTE format('SELECT o.id, o.created_at FROM eventshop.outbox_%s o ORDER BY o.id DESC LIMIT 1', slot)
+			INTO v_newest;
+		CONTINUE WHEN v_newest.id IS NULL;
+		IF v_newest.id <= v_below AND v_newest.created_at < v_cutoff THEN
+			BEGIN
+				EXECUTE format('LOCK TABLE eventshop.outbox_%s IN ACCESS EXCLUSIVE MODE NOWAIT', slot);
+				-- under the lock no row can arrive: check again, then empty the slot
+				EXECUTE format('SELECT max(o.id), count(*) FROM eventshop.outbox_%s o', slot) INTO v_newest.id, v_count;
+				IF v_newest.id <= v_below THEN
+					EXECUTE format('TRUNCATE eventshop.outbox_%s', slot);
+					v_removed := v_removed + v_count;
+					CONTINUE;
+				END IF;
+			EXCEPTION WHEN lock_not_available THEN
+				NULL;			-- busy: delete row by row below
+			END;
+		END IF;
+		EXECUTE format('DELETE FROM eventshop.outbox_%s o WHERE o.id <= $1 AND o.created_at < $2', slot)
+			USING v_below, v_cutoff;
+		GET DIAGNOSTICS v_count = ROW_COUNT;
+		v_removed := v_removed + v_count;
+	END LOOP;
+	RETURN v_removed;
+END
+$$;
+COMMENT ON FUNCTION eventshop.purge_published_events(interval) IS 'Removes outbox rows the relay has published and that are older than retention (default: none kept); returns how many. Schedule it with pg_cron. Error: 22023 negative or NULL retention.';
 
 -- ---------------------------------------------------------------------------
 -- Password hashing (C, libargon2). Internal: only definer functions call them.
@@ -3330,3 +3575,10 @@ GRANT EXECUTE ON FUNCTION
 	TO eventshop_gateway, eventshop_admin;
 GRANT EXECUTE ON FUNCTION eventshop.expire_reservations(integer) TO eventshop_admin;
 GRANT SELECT ON eventshop.outbox_status, eventshop.notification_status TO eventshop_admin, pg_monitor;
+-- outbox_status calls these with the reader's rights; they return counters only
+GRANT EXECUTE ON FUNCTION eventshop._unpublished_events(), eventshop._relay_stats() TO eventshop_admin, pg_monitor;
+GRANT SELECT ON eventshop.parked_events TO eventshop_admin;
+GRANT EXECUTE ON FUNCTION eventshop.retry_parked_event(bigint), eventshop.retry_parked_events(),
+	eventshop.discard_parked_event(bigint), eventshop.purge_published_events(interval),
+	eventshop.reset_relay_latency()
+	TO eventshop_admin;

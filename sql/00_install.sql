@@ -10,7 +10,7 @@
 CREATE EXTENSION pgtap;
 CREATE EXTENSION eventshop;
 
-SELECT plan(52);
+SELECT plan(58);
 
 -- The extension itself
 SELECT has_extension('eventshop', 'eventshop extension is installed');
@@ -38,7 +38,14 @@ SELECT has_table('eventshop', 'notification_templates', 'table eventshop.notific
 SELECT has_table('eventshop', 'notification_rules', 'table eventshop.notification_rules exists');
 SELECT has_table('eventshop', 'notifications', 'table eventshop.notifications exists');
 SELECT has_table('eventshop', 'notification_attempts', 'table eventshop.notification_attempts exists');
+SELECT has_table('eventshop', 'relay_progress', 'table eventshop.relay_progress exists');
+SELECT has_table('eventshop', 'outbox_parked', 'table eventshop.outbox_parked exists');
 SELECT has_view('eventshop', 'outbox_status', 'view eventshop.outbox_status exists');
+SELECT has_view('eventshop', 'parked_events', 'view eventshop.parked_events exists');
+SELECT is((SELECT count(*)::integer FROM pg_inherits WHERE inhparent = 'eventshop.outbox'::regclass), 8,
+          'the outbox is a ring of eight partitions');
+SELECT is((SELECT seqcache FROM pg_sequence WHERE seqrelid = 'eventshop.outbox_id_seq'::regclass), 1::bigint,
+          'the outbox id sequence hands out ids one at a time (CACHE 1), as the relay assumes');
 SELECT has_view('eventshop', 'notification_status', 'view eventshop.notification_status exists');
 SELECT col_is_unique('eventshop', 'users', ARRAY['email'], 'users.email is unique');
 SELECT col_is_unique('eventshop', 'notifications', ARRAY['event_id', 'template'],
@@ -85,6 +92,9 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.set_user_roles(uuid,text[])',
                     'eventshop.flush_security_events()',
                     'eventshop.purge_expired_auth_data()',
+                    'eventshop._unpublished_events()',
+                    'eventshop.retry_parked_event(bigint)', 'eventshop.retry_parked_events()',
+                    'eventshop.discard_parked_event(bigint)', 'eventshop.purge_published_events(interval)',
                     'eventshop.create_product(text,text,bigint,text,integer,text,text)',
                     'eventshop.update_product(bigint,integer,jsonb)',
                     'eventshop.get_product(text)',
@@ -172,12 +182,15 @@ SELECT is_empty($$SELECT c.oid::regclass::text FROM pg_class c
 -- marked them; a dump must keep accounts and unpublished events.
 SELECT ok((SELECT 'eventshop.users'::regclass = ANY (extconfig) FROM pg_extension WHERE extname = 'eventshop'),
           'pg_dump keeps the rows of eventshop.users');
-SELECT ok((SELECT 'eventshop.outbox'::regclass = ANY (extconfig) FROM pg_extension WHERE extname = 'eventshop'),
-          'pg_dump keeps the rows of eventshop.outbox');
+SELECT ok((SELECT bool_and(i.inhrelid = ANY (e.extconfig)) FROM pg_inherits i, pg_extension e
+           WHERE i.inhparent = 'eventshop.outbox'::regclass AND e.extname = 'eventshop'),
+          'pg_dump keeps the rows of every partition of eventshop.outbox');
+SELECT ok((SELECT 'eventshop.relay_progress'::regclass = ANY (extconfig) FROM pg_extension WHERE extname = 'eventshop'),
+          'pg_dump keeps the relay''s progress with the outbox, so a restore does not publish everything again');
 SELECT ok((SELECT 'eventshop.outbox_id_seq'::regclass = ANY (extconfig) FROM pg_extension WHERE extname = 'eventshop'),
           'pg_dump keeps the position of the outbox id sequence');
 SELECT is_empty($$SELECT c.oid::regclass::text FROM pg_class c
-                  WHERE c.relnamespace = 'eventshop'::regnamespace AND c.relkind IN ('r', 'p', 'S')
+                  WHERE c.relnamespace = 'eventshop'::regnamespace AND c.relkind IN ('r', 'S')
                     AND c.relname NOT IN ('common_passwords', 'notification_templates', 'notification_rules')
                     AND c.oid <> ALL (SELECT unnest(e.extconfig) FROM pg_extension e
                                       WHERE e.extname = 'eventshop')

@@ -87,8 +87,8 @@ SELECT set_eq($$SELECT c.oid::regclass::text FROM pg_class c
                                            'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')
                        OR has_any_column_privilege('eventshop_admin', c.oid,
                                                    'SELECT,INSERT,UPDATE,REFERENCES'))$$,
-              ARRAY['eventshop.outbox_status', 'eventshop.notification_status'],
-              'eventshop_admin may read the two status views and no table');
+              ARRAY['eventshop.outbox_status', 'eventshop.notification_status', 'eventshop.parked_events'],
+              'eventshop_admin may read the status views and the parked events, and no table');
 SELECT ok(has_table_privilege('pg_monitor', 'eventshop.outbox_status', 'SELECT')
           AND has_table_privilege('pg_monitor', 'eventshop.notification_status', 'SELECT'),
           'pg_monitor may read the status views');

@@ -58,7 +58,8 @@ CREATE TEMP VIEW alice_event AS SELECT * FROM eventshop.outbox WHERE message_key
 SELECT is((SELECT count(*) FROM alice_event), 1::bigint, 'exactly one outbox row for the new account');
 SELECT is((SELECT topic FROM alice_event), 'auth.events', 'the event goes to auth.events');
 SELECT is((SELECT event_type FROM alice_event), 'user.registered', 'event_type is user.registered');
-SELECT is((SELECT attempts FROM alice_event), 0, 'the event has not been published yet');
+SELECT is((SELECT backlog FROM eventshop.outbox_status), (SELECT count(*) FROM eventshop.outbox),
+          'the event has not been published yet');
 SELECT is((SELECT json_typeof(payload) FROM alice_event), 'object', 'the payload is a JSON object');
 SELECT is((SELECT array_agg(k ORDER BY k COLLATE "C") FROM alice_event, json_object_keys(payload) AS k),
           ARRAY['data', 'datacontenttype', 'id', 'source', 'specversion', 'subject', 'time', 'type'],

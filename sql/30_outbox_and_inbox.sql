@@ -9,7 +9,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(138);
+SELECT plan(158);
 
 -- ---------------------------------------------------------------------------
 -- _emit_event
@@ -44,22 +44,22 @@ SELECT ok((SELECT bool_and(payload->>'id' = event_id::text) FROM eventshop.outbo
           'every payload id matches its event_id column');
 
 SELECT throws_ok($$SELECT eventshop._emit_event('unknown.events', 'k', 'x.y', '{}')$$, '23514',
-                 'new row for relation "outbox" violates check constraint "outbox_topic_check"',
+                 'unknown event topic "unknown.events"',
                  'an unknown topic is refused');
 SELECT throws_ok($$SELECT eventshop._emit_event('Auth.Events', 'k', 'x.y', '{}')$$, '23514',
-                 'new row for relation "outbox" violates check constraint "outbox_topic_check"',
+                 'unknown event topic "Auth.Events"',
                  'topics are case-sensitive');
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', '', 'x.y', '{}')$$, '23514',
-                 'new row for relation "outbox" violates check constraint "outbox_message_key_check"',
+                 'an event message key must be 1 to 512 bytes long',
                  'an empty message key is refused');
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', repeat('k', 513), 'x.y', '{}')$$, '23514',
-                 'new row for relation "outbox" violates check constraint "outbox_message_key_check"',
+                 'an event message key must be 1 to 512 bytes long',
                  'a message key over 512 bytes is refused');
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', NULL, 'x.y', '{}')$$, '23502',
-                 'null value in column "message_key" of relation "outbox" violates not-null constraint',
+                 'an event needs a message key',
                  'a NULL message key is refused');
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', 'k', NULL, '{}')$$, '23502',
-                 'null value in column "event_type" of relation "outbox" violates not-null constraint',
+                 'an event needs a type',
                  'a NULL event type is refused');
 
 -- ---------------------------------------------------------------------------
@@ -67,15 +67,73 @@ SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', 'k', NULL, '{}')$
 -- ---------------------------------------------------------------------------
 SELECT is((SELECT backlog FROM eventshop.outbox_status), (SELECT count(*) FROM eventshop.outbox),
           'outbox_status.backlog counts the events not yet published');
-SELECT is((SELECT retried FROM eventshop.outbox_status), 0::bigint, 'nothing has been retried yet');
-SELECT is((SELECT last_error FROM eventshop.outbox_status), NULL, 'and there is no delivery error');
-SELECT ok((SELECT oldest_age >= interval '0' FROM eventshop.outbox_status), 'oldest_age is the age of the oldest event');
+SELECT ok((SELECT oldest_unpublished_age >= interval '0' FROM eventshop.outbox_status),
+          'oldest_unpublished_age is the age of the oldest unpublished event');
+SELECT is((SELECT parked FROM eventshop.outbox_status), 0::bigint, 'nothing is parked');
+SELECT is((SELECT broker_state FROM eventshop.outbox_status), 'unknown',
+          'the broker state is unknown while the relay is off');
+SELECT is((SELECT ack_latency_p99_ms FROM eventshop.outbox_status), NULL,
+          'no latency without acknowledgements');
+BEGIN;
+SELECT eventshop._emit_event('orders.events', 'order-42', 'order.updated', '{}') AS ev_tx \gset
+SELECT is((SELECT txid FROM eventshop.outbox WHERE event_id = :'ev_tx'), pg_current_xact_id(),
+          'an outbox row records the id of the transaction that wrote it');
+COMMIT;
+SELECT ok((SELECT bool_and(tableoid = format('eventshop.outbox_%s', (id / 1048576) % 8)::regclass)
+           FROM eventshop.outbox),
+          'rows land in the ring slot of their id');
 
-UPDATE eventshop.outbox SET attempts = 1, last_error = 'Local: Broker transport failure'
-WHERE event_id = :'ev_id';
-SELECT is((SELECT retried FROM eventshop.outbox_status), 1::bigint, 'outbox_status counts retried events');
-SELECT is((SELECT last_error FROM eventshop.outbox_status), 'Local: Broker transport failure',
-          'outbox_status shows the latest delivery error');
+-- The relay's checkpoint decides what counts as published: play the relay
+-- and declare everything written so far published.
+SELECT max(id) AS published_id FROM eventshop.outbox \gset
+UPDATE eventshop.relay_progress
+SET prev_snapshot = pg_current_snapshot(), prev_id_bound = :published_id,
+    prev_next_xid = pg_snapshot_xmax(pg_current_snapshot()), published_below = :published_id;
+SELECT is((SELECT backlog FROM eventshop.outbox_status), 0::bigint,
+          'rows visible in the relay''s snapshot are published');
+SELECT eventshop._emit_event('orders.events', 'order-43', 'order.created', '{}') AS ev2_id \gset
+SELECT is((SELECT backlog FROM eventshop.outbox_status), 1::bigint,
+          'a row written later is not (and the view sees this transaction''s own rows)');
+
+-- purge_published_events
+SELECT throws_ok($$SELECT eventshop.purge_published_events(interval '-1 second')$$, '22023',
+                 'retention must be a non-negative interval', 'a negative retention is refused');
+SELECT throws_ok($$SELECT eventshop.purge_published_events(NULL)$$, '22023',
+                 'retention must be a non-negative interval', 'a NULL retention is refused');
+SELECT is(eventshop.purge_published_events(interval '1 hour'), 0::bigint,
+          'a retention keeps published rows younger than it');
+SELECT count(*) AS purgeable FROM eventshop.outbox WHERE id <= :published_id \gset
+SELECT is(eventshop.purge_published_events(), :purgeable::bigint,
+          'without retention every published row is removed');
+SELECT is((SELECT array_agg(event_id) FROM eventshop.outbox), ARRAY[:'ev2_id'::uuid],
+          'and only the unpublished event is left');
+
+-- Parked (poison) events: what the relay does when Kafka refuses one for good
+INSERT INTO eventshop.outbox_parked (id, topic, message_key, event_id, event_type, payload, created_at, error)
+SELECT id, topic, message_key, event_id, event_type, payload, created_at, 'Broker: Message size too large'
+FROM eventshop.outbox WHERE event_id = :'ev2_id';
+SELECT is((SELECT array_agg(event_id::text || ' ' || topic || ': ' || error) FROM eventshop.parked_events),
+          ARRAY[:'ev2_id' || ' orders.events: Broker: Message size too large'],
+          'parked_events shows the parked event with its error');
+SELECT is((SELECT parked FROM eventshop.outbox_status), 1::bigint, 'outbox_status counts it');
+SELECT throws_ok($$SELECT eventshop.retry_parked_event(NULL)$$, '22004',
+                 'the parked event id must not be NULL', 'retry needs an id');
+SELECT throws_ok($$SELECT eventshop.retry_parked_event(-1)$$, 'P0002',
+                 'there is no parked event -1', 'retrying an unknown parked event is an error');
+SELECT throws_ok($$SELECT eventshop.discard_parked_event(-1)$$, 'P0002',
+                 'there is no parked event -1', 'discarding an unknown parked event is an error');
+SELECT throws_ok($$SELECT eventshop.discard_parked_event(NULL)$$, '22004',
+                 'the parked event id must not be NULL', 'discard needs an id');
+SELECT id AS parked_id FROM eventshop.outbox_parked \gset
+SELECT is(eventshop.retry_parked_event(:parked_id), :'ev2_id'::uuid, 'retry returns the event id');
+SELECT is((SELECT count(*) FROM eventshop.outbox WHERE event_id = :'ev2_id' AND id > :parked_id), 1::bigint,
+          'the event is queued again under a new row id, with the same CloudEvents id');
+SELECT is((SELECT count(*) FROM eventshop.outbox_parked), 0::bigint, 'and is no longer parked');
+INSERT INTO eventshop.outbox_parked (id, topic, message_key, event_id, event_type, payload, created_at, error)
+VALUES (-5, 'auth.events', 'k', gen_random_uuid(), 'x.y', '{}', now(), 'Broker: Topic authorization failed');
+SELECT lives_ok($$SELECT eventshop.discard_parked_event(-5)$$, 'an administrator can discard a parked event');
+SELECT is((SELECT count(*) FROM eventshop.outbox_parked), 0::bigint, 'which is then gone');
+SELECT is(eventshop.retry_parked_events(), 0, 'retrying all with nothing parked does nothing');
 
 SELECT count(*) AS outbox_before FROM eventshop.outbox \gset
 SELECT count(*) AS users_before FROM eventshop.users \gset

@@ -19,7 +19,9 @@ char	   *es_kafka_brokers = NULL;
 char	   *es_kafka_properties = NULL;
 char	   *es_topic_prefix = NULL;
 
-int			es_relay_batch_size = 1000;
+int			es_relay_batch_size = 5000;
+int			es_relay_max_in_flight = 100000;
+int			es_relay_checkpoint_interval_ms = 50;
 
 char	   *es_dispatcher_group = NULL;
 char	   *es_dispatcher_topics = NULL;
@@ -110,9 +112,19 @@ es_define_settings(void)
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventshop.relay_batch_size",
-							"Maximum number of outbox rows the relay publishes per batch.",
-							NULL, &es_relay_batch_size, 1000, 1, 100000,
+							"Outbox rows the relay reads per query.",
+							NULL, &es_relay_batch_size, 5000, 1, 100000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.relay_max_in_flight",
+							"Messages the relay keeps produced but not yet acknowledged by Kafka.",
+							"Bounds the relay's memory during a broker outage and the duplicates a crash can cause.",
+							&es_relay_max_in_flight, 100000, 1, 1000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.relay_checkpoint_interval",
+							"How often the relay records its progress while events are acknowledged.",
+							"A crash re-sends at most what was acknowledged within this interval, plus what was in flight.",
+							&es_relay_checkpoint_interval_ms, 50, 1, 10000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("eventshop.dispatcher_group",
 							   "Kafka consumer group of the dispatcher.",

@@ -18,6 +18,8 @@ extern char *es_topic_prefix;
 
 /* Relay. */
 extern int	es_relay_batch_size;
+extern int	es_relay_max_in_flight;
+extern int	es_relay_checkpoint_interval_ms;
 
 /* Dispatcher. */
 extern char *es_dispatcher_group;

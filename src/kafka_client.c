@@ -23,6 +23,7 @@
 
 /* Repeat the same client error in the log at most this often. */
 #define ES_KAFKA_ERROR_LOG_INTERVAL_MS	60000
+#define ES_KAFKA_LOG_LINES_PER_MINUTE	10
 
 static void es_kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
 static void es_kafka_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque);
@@ -31,6 +32,13 @@ static void es_kafka_apply_properties(rd_kafka_conf_t *conf, const char *propert
 /* A configuration with the common settings and eventshop.kafka_properties applied. */
 rd_kafka_conf_t *
 es_kafka_conf_new(const char *role)
+{
+	return es_kafka_conf_new_with_defaults(role, NULL);
+}
+
+/* The same, with role-specific defaults (name, value, ..., NULL) that the properties may override. */
+rd_kafka_conf_t *
+es_kafka_conf_new_with_defaults(const char *role, const char *const *defaults)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	char		client_id[64];
@@ -42,6 +50,8 @@ es_kafka_conf_new(const char *role)
 	es_kafka_conf_set(conf, "reconnect.backoff.max.ms", "5000");
 	rd_kafka_conf_set_log_cb(conf, es_kafka_log_cb);
 	rd_kafka_conf_set_error_cb(conf, es_kafka_error_cb);
+	for (int i = 0; defaults != NULL && defaults[i] != NULL; i += 2)
+		es_kafka_conf_set(conf, defaults[i], defaults[i + 1]);
 	es_kafka_apply_properties(conf, es_kafka_properties);
 	return conf;
 }
@@ -191,10 +201,30 @@ static void
 es_kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
 	EsKafka    *kafka = rd_kafka_opaque(rk);
+	TimestampTz now;
 
 	/* syslog levels: 0-4 emergency..warning are worth the server log */
-	ereport(level <= 4 ? LOG : DEBUG1,
-			(errmsg("eventshop %s: librdkafka %s: %s", kafka ? kafka->role : "?", fac, buf)));
+	if (level > 4 || kafka == NULL)
+	{
+		ereport(DEBUG1, (errmsg("eventshop %s: librdkafka %s: %s", kafka ? kafka->role : "?", fac, buf)));
+		return;
+	}
+	/* at most ES_KAFKA_LOG_LINES_PER_MINUTE lines a minute: an outage must not flood the log */
+	now = GetCurrentTimestamp();
+	if (TimestampDifferenceExceeds(kafka->log_window_start, now, ES_KAFKA_ERROR_LOG_INTERVAL_MS))
+	{
+		if (kafka->log_suppressed > 0)
+			ereport(LOG,
+					(errmsg("eventshop %s: %d more librdkafka warnings in the last minute were not logged",
+							kafka->role, kafka->log_suppressed)));
+		kafka->log_window_start = now;
+		kafka->log_lines = 0;
+		kafka->log_suppressed = 0;
+	}
+	if (kafka->log_lines++ < ES_KAFKA_LOG_LINES_PER_MINUTE)
+		ereport(LOG, (errmsg("eventshop %s: librdkafka %s: %s", kafka->role, fac, buf)));
+	else
+		kafka->log_suppressed++;
 }
 
 /*
@@ -213,6 +243,8 @@ es_kafka_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 		err = rd_kafka_fatal_error(rk, fatal_reason, sizeof(fatal_reason));
 		reason = fatal_reason;
 	}
+	if (kafka->on_error != NULL)
+		kafka->on_error((rd_kafka_resp_err_t) err, reason);
 	es_kafka_log_error(kafka, err, reason);
 }
 

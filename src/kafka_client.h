@@ -21,6 +21,11 @@ typedef struct EsKafka
 	bool		fatal;			/* the client hit a fatal error and must be rebuilt */
 	rd_kafka_resp_err_t last_error; /* last error logged, to avoid log storms */
 	int64		last_error_logged_at;	/* GetCurrentTimestamp() of that line */
+	int64		log_window_start;	/* librdkafka warnings: current minute, */
+	int			log_lines;		/* lines logged in it, */
+	int			log_suppressed; /* and lines dropped */
+	/* optional: told of every client error on the worker's thread */
+	void		(*on_error) (rd_kafka_resp_err_t err, const char *reason);
 } EsKafka;
 
 /*
@@ -29,6 +34,9 @@ typedef struct EsKafka
  * ERROR naming the bad setting if librdkafka refuses one.
  */
 extern rd_kafka_conf_t *es_kafka_conf_new(const char *role);
+
+/* The same, with defaults for the role (name, value, ..., NULL) applied before the properties. */
+extern rd_kafka_conf_t *es_kafka_conf_new_with_defaults(const char *role, const char *const *defaults);
 
 /* Sets one property; on failure destroys conf and raises an ERROR. */
 extern void es_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value);

@@ -15,6 +15,7 @@
 
 #include "login_throttle.h"
 #include "password_hash.h"
+#include "relay_stats.h"
 #include "shared_state.h"
 
 typedef struct EsSharedState
@@ -50,6 +51,7 @@ es_shmem_request(void)
 	RequestAddinShmemSpace(MAXALIGN(sizeof(EsSharedState)));
 	RequestAddinShmemSpace(es_password_hash_shmem_size());
 	es_login_throttle_shmem_request();
+	RequestAddinShmemSpace(es_relay_stats_shmem_size());
 }
 
 /* Creates or attaches to the shared state. */
@@ -71,6 +73,7 @@ es_shmem_startup(void)
 	}
 	es_password_hash_shmem_startup();
 	es_login_throttle_shmem_startup();
+	es_relay_stats_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
