@@ -237,7 +237,7 @@ relay_locate_pending_rows(RelayWindow *window)
 	values[1] = Int64GetDatum(window->read_id);
 	values[2] = Int64GetDatum(window->prev.id_bound);
 	relay_planner_walks_indexes(false);
-	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventshop relay: locating rows of late transactions failed");
 	/* start just before the first one, or skip phase 1 if there is none */
 	window->read_id = relay_int64_result(0, 1, window->prev.id_bound + 1) - 1;
@@ -302,7 +302,8 @@ relay_read_phase(RelayWindow *window, bool pending_phase, int limit, RelayRowCal
 	 * planner walk the id index (both phases start near their first row).
 	 */
 	relay_planner_walks_indexes(true);
-	rc = SPI_execute_plan(plan, values, NULL, true, 0);
+	/* not read-only: the query needs a snapshot newer than cur, not the transaction's first */
+	rc = SPI_execute_plan(plan, values, NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "eventshop relay: reading the outbox failed: %s", SPI_result_code_string(rc));
 

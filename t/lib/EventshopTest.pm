@@ -19,7 +19,7 @@ use Test::More;
 use Time::HiRes qw(usleep);
 
 our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp
-  eventshop_node worker_free_node key_settings read_topic maildir_messages wait_for stop_all);
+  eventshop_node relay_node worker_free_node key_settings read_topic maildir_messages wait_for stop_all);
 
 my @harnesses;
 
@@ -77,6 +77,24 @@ eventshop.database = 'postgres'
 eventshop.kafka_brokers = '$broker->{bootstrap}'
 eventshop.smtp_url = 'smtp://127.0.0.1:$smtp->{port}'
 eventshop.smtp_from = 'tests\@eventshop.test'
+CONF
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
+	return $node;
+}
+
+# Creates and starts a cluster whose only eventshop worker is the relay,
+# publishing to $broker; extra postgresql.conf lines come last.
+sub relay_node
+{
+	my ($name, $broker, $extra_conf) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf', key_settings() . <<"CONF" . ($extra_conf // ''));
+shared_preload_libraries = 'eventshop'
+eventshop.database = 'postgres'
+eventshop.kafka_brokers = '$broker->{bootstrap}'
+eventshop.dispatcher_enabled = off
 CONF
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
