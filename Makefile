@@ -21,6 +21,7 @@ OBJS = \
 	src/sealed_box.o \
 	src/orders.o \
 	src/payment_webhook.o \
+	src/template_render.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/dispatcher.o \
