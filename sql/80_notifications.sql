@@ -205,8 +205,7 @@ SELECT is_empty($$SELECT id FROM eventshop.event_audit
                      OR data ? 'email_hash' AND data->>'email_hash' <> '[masked]'$$,
                 'no address, token, sealed value or hash in the audit log');
 SELECT results_eq($$SELECT data->>'sealed_token', data->>'user_id', outcome, notifications FROM eventshop.event_audit
-                    WHERE event_id = (SELECT event_id FROM eventshop.outbox WHERE event_type = 'password.reset_requested'
-                                      ORDER BY id LIMIT 1)$$,
+                    WHERE event_type = 'password.reset_requested' AND outcome = 'queued'$$,
                   $$VALUES ('[masked]'::text, current_setting('t.uid')::text, 'queued'::text, 1)$$,
                   'sealed values are masked, ids kept, with the outcome');
 SELECT is((SELECT outcome FROM eventshop.event_audit WHERE event_id = pg_temp.last_event('password.reset_requested')),
