@@ -3076,8 +3076,9 @@ COMMENT ON TABLE eventshop.consumer_watermarks IS 'Kafka watermarks of the parti
 -- user_id), the event's own fields (event_id, event_type, event_time,
 -- subject), app_url (eventshop.app_url), secrets opened here and only here
 -- (token from data.sealed_token; the invitee's address from
--- data.sealed_email), formatted amounts (total, amount), inviter_name, and
--- event_json (the whole event with masked data, for webhooks). The account
+-- data.sealed_email), formatted amounts (total, amount) and inviter_name
+-- (_render_notifications adds event_json, the whole event with masked data,
+-- for the templates that use it, such as webhooks). The account
 -- is data.user_id, or the event subject when that is a uuid; members whose
 -- names start with an underscore are for the caller (_user_id, _email).
 -- Raises 22023 when a sealed value cannot be opened or is not an address.
@@ -3100,9 +3101,7 @@ BEGIN
 	v_vars := (v_data - ARRAY['sealed_token', 'sealed_email', 'email_hash', 'source_hash', 'token', 'email'])
 		|| jsonb_build_object('event_id', event->>'id', 'event_type', event->>'type',
 							  'event_time', event->>'time', 'subject', event->>'subject',
-							  'app_url', rtrim(current_setting('eventshop.app_url'), '/'),
-							  'event_json', (event || jsonb_build_object('data',
-											 eventshop._mask_event_data(event->'data')))::text);
+							  'app_url', rtrim(current_setting('eventshop.app_url'), '/'));
 	IF v_uid IS NOT NULL THEN
 		SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_uid::uuid;
 		IF FOUND THEN
@@ -3233,6 +3232,12 @@ BEGIN
 		ORDER BY t.name
 	LOOP
 		v_vars := coalesce(v_vars, eventshop._notification_vars(event));
+		-- the whole event as JSON (masked) is made only for templates that use it
+		IF NOT v_vars ? 'event_json'
+		   AND strpos(v_rule.subject || v_rule.body_text || coalesce(v_rule.body_html, ''), 'event_json') > 0 THEN
+			v_vars := v_vars || jsonb_build_object('event_json',
+				(event || jsonb_build_object('data', eventshop._mask_event_data(event->'data')))::text);
+		END IF;
 		v_recipient := CASE v_rule.channel
 						   WHEN 'email' THEN v_vars->>'_email'
 						   WHEN 'webhook' THEN 'webhook'

@@ -187,9 +187,11 @@ $node->poll_query_until('postgres',
   or die 'dispatching did not start';
 my $before = $node->safe_psql('postgres',
 	"SELECT count(*) FROM eventshop.event_audit WHERE data->>'batch' = 'crash'");
+my @pids = split /\n/, $node->safe_psql('postgres', 'SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()');
 $node->kill9;
 note("killed the postmaster with $before of $many events ingested");
-sleep 2;    # let the orphaned processes notice the postmaster's death
+# the orphaned processes exit once they notice; until then they hold shared memory
+wait_for(sub { !grep { kill 0, $_ } @pids }, 'the old server processes are gone');
 $node->start;
 $node->poll_query_until('postgres',
 	"SELECT count(*) = $many FROM eventshop.event_audit WHERE data->>'batch' = 'crash'")
