@@ -22,6 +22,7 @@ OBJS = \
 	src/orders.o \
 	src/payment_webhook.o \
 	src/template_render.o \
+	src/event_mask.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/dispatcher.o \

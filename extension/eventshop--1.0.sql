@@ -3148,40 +3148,14 @@ AS $$
 $$;
 COMMENT ON FUNCTION eventshop._format_money(numeric, text) IS 'Internal: formats an amount in minor units for a message, e.g. 1250 EUR -> 12.50 EUR.';
 
--- Masks an event's data for the audit log: members whose names suggest
--- personal data or secrets, strings that contain an @ or look like tokens,
--- sealed values or hashes (long base64/hex runs, crypt strings) become
--- "[masked]"; at most 16 kB are kept.
+-- Masks an event's data for the audit log and webhooks (C:
+-- src/event_mask.c): members whose names suggest personal data or secrets,
+-- strings that contain an @ or look like tokens, sealed values or hashes
+-- become "[masked]"; ids are kept; at most 16 kB.
 CREATE FUNCTION eventshop._mask_event_data(data jsonb)
 RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_result jsonb;
-BEGIN
-	v_result := CASE jsonb_typeof(data)
-		WHEN 'object' THEN
-			coalesce((SELECT jsonb_object_agg(e.key,
-						 CASE WHEN e.key ~* '(mail|token|seal|hash|passw|secret|phone|signature|address|credential|key$)'
-							  THEN to_jsonb('[masked]'::text)
-							  ELSE eventshop._mask_event_data(e.value) END)
-					  FROM jsonb_each(data) AS e), '{}')
-		WHEN 'array' THEN
-			coalesce((SELECT jsonb_agg(eventshop._mask_event_data(a.value) ORDER BY a.n)
-					  FROM jsonb_array_elements(data) WITH ORDINALITY AS a(value, n)), '[]')
-		WHEN 'string' THEN
-			CASE WHEN data #>> '{}' ~ '@|^\$[0-9a-z]+\$'
-					  OR (data #>> '{}' ~ '^[A-Za-z0-9_+/=-]{32,}$'
-						  AND data #>> '{}' !~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
-				 THEN to_jsonb('[masked]'::text) ELSE data END
-		ELSE data END;
-	IF octet_length(v_result::text) > 16384 THEN
-		RETURN '{"truncated": true}';
-	END IF;
-	RETURN v_result;
-END
-$$;
+AS 'MODULE_PATHNAME', 'eventshop_mask_event_data'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION eventshop._mask_event_data(jsonb) IS 'Internal: event data with personal data and secrets replaced by "[masked]", for the audit log and webhooks.';
 
 -- Template rendering (C: src/template_render.c).
@@ -3298,16 +3272,16 @@ BEGIN
 		RETURN 'duplicate';
 	END IF;
 
-	BEGIN
-		v_time := (v_event->>'time')::timestamptz;
-	EXCEPTION WHEN data_exception THEN
-		v_time := NULL;
-	END;
-	-- rendering writes nothing: this block needs no transaction id of its own
+	-- Writes nothing, so this block needs no transaction id of its own.
+	-- Variables keep their values when the block fails: a bad time alone
+	-- leaves the rendered rows (and only the time) in place.
 	BEGIN
 		v_rows := ARRAY(SELECT r FROM eventshop._render_notifications(v_type, v_event) AS r);
+		v_time := (v_event->>'time')::timestamptz;
 	EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
-		v_reason := left(v_type || ': ' || SQLERRM, 500);
+		IF v_rows IS NULL THEN
+			v_reason := left(v_type || ': ' || SQLERRM, 500);
+		END IF;
 	END;
 	IF v_reason IS NOT NULL THEN
 		INSERT INTO eventshop.rejected_events (topic, partition, "offset", reason)

@@ -12,7 +12,7 @@
 CREATE ROLE regress_notify_admin NOLOGIN IN ROLE eventshop_admin;
 CREATE ROLE regress_notify_app NOLOGIN IN ROLE eventshop_app;
 
-SELECT plan(101);
+SELECT plan(105);
 
 -- ---------------------------------------------------------------------------
 -- _render_template and _template_placeholders
@@ -47,6 +47,20 @@ SELECT throws_ok($$SELECT eventshop._render_template('{{x}}{{x}}{{x}}', jsonb_bu
 SELECT is(eventshop._template_placeholders('{{a}} {{ b }} {{a}} {{_c9}}'), ARRAY['a', 'b', '_c9'],
           '_template_placeholders lists the distinct names');
 SELECT is(eventshop._template_placeholders('no placeholders'), '{}'::text[], 'and nothing for a plain text');
+
+-- _mask_event_data (audit log, webhooks)
+SELECT is(eventshop._mask_event_data('{"user_id": "0b7a8f2e-4c1d-4e5f-9a0b-1c2d3e4f5a6b", "email_hash": "x",
+                                       "Contact_Email": "a", "api_key": {"nested": [1, 2]}, "note": "mail me at a@b.c",
+                                       "pw": "$argon2id$v=19$m=19456", "blob": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA",
+                                       "list": ["ok", "x@y.z", {"sealed_token": "s"}], "n": 42, "t": true, "z": null}'),
+          '{"n": 42, "t": true, "z": null, "pw": "[masked]", "blob": "[masked]", "list": ["ok", "[masked]",
+            {"sealed_token": "[masked]"}], "note": "[masked]", "api_key": "[masked]", "user_id":
+            "0b7a8f2e-4c1d-4e5f-9a0b-1c2d3e4f5a6b", "email_hash": "[masked]", "Contact_Email": "[masked]"}'::jsonb,
+          'secret-named members (containers too), addresses, crypt hashes and tokens are masked; ids and numbers kept');
+SELECT is(eventshop._mask_event_data('"someone@example.com"'), '"[masked]"'::jsonb, 'a scalar document is masked too');
+SELECT is(eventshop._mask_event_data('[]'), '[]'::jsonb, 'an empty array stays empty');
+SELECT is(eventshop._mask_event_data(jsonb_build_object('x', repeat('a b', 10000))), '{"truncated": true}'::jsonb,
+          'a masked document over 16 kB is cut');
 
 -- ---------------------------------------------------------------------------
 -- Shipped rules
