@@ -3098,7 +3098,9 @@ DECLARE
 	v_vars	jsonb;
 	v_email	text;
 BEGIN
-	v_vars := (v_data - ARRAY['sealed_token', 'sealed_email', 'email_hash', 'source_hash', 'token', 'email'])
+	-- members the event must not be able to set are dropped from its data
+	v_vars := (v_data - ARRAY['sealed_token', 'sealed_email', 'email_hash', 'source_hash', 'token', 'email',
+							  'display_name', 'user_id', '_email', '_user_id', 'event_json', 'inviter_name'])
 		|| jsonb_build_object('event_id', event->>'id', 'event_type', event->>'type',
 							  'event_time', event->>'time', 'subject', event->>'subject',
 							  'app_url', rtrim(current_setting('eventshop.app_url'), '/'));

@@ -202,9 +202,11 @@ SELECT is((SELECT count(*) FROM eventshop.rejected_events), (:rejected_before + 
 SELECT is((SELECT count(*) FROM eventshop.notifications WHERE event_id = pg_temp.last_event('password.reset_requested')),
           0::bigint, 'it queues nothing');
 SELECT is(pg_temp.ingest_last('password.reset_requested', 11), 'duplicate', 'and its redelivery is a no-op');
-SELECT lives_ok($$SELECT eventshop._emit_event('orders.events', 'x', 'order.created', '{"user_id": "nobody"}')$$,
+SELECT lives_ok($$SELECT eventshop._emit_event('orders.events', 'x', 'order.created',
+                  '{"user_id": "nobody", "_email": "attacker@example.com", "_user_id": "x", "email": "a@b.c"}')$$,
                 'an order event without a known user emitted');
-SELECT is(pg_temp.ingest_last('order.created', 12), 'ignored', 'an event whose recipient is unknown is ignored');
+SELECT is(pg_temp.ingest_last('order.created', 12), 'ignored',
+          'an event whose recipient is unknown is ignored (it cannot name one in its data)');
 
 -- ---------------------------------------------------------------------------
 -- Audit log

@@ -99,12 +99,20 @@ ok(defined $token && length($token) == 43, 'the reset e-mail carries the opened 
 $node->safe_psql('postgres', "SELECT eventshop.reset_password('$token', 'a new passphrase for mallory')");
 pass('the token from the e-mail resets the password');
 
+my ($magic) = $mail{ $expected{magic} }{body} =~ m{https://shop\.example/magic-link\?token=([A-Za-z0-9_-]+)};
+ok(defined $magic && length($magic) == 43, 'the magic-link e-mail carries the opened token');
+$node->safe_psql('postgres', 'SELECT eventshop.rotate_signing_keys()');
+is($node->safe_psql('postgres', "SELECT count(*) FROM eventshop.login_with_magic_link('$magic')"),
+	'1', 'the link from the e-mail signs in');
+like($mail{ $expected{login} }{body}, qr/your account mallory\@example\.com was signed in at/,
+	'the login alert names the account');
+
 is($node->safe_psql('postgres',
 		"SELECT body_html LIKE '%Hello Mallory &lt;script&gt;alert(1)&lt;/script&gt; &amp; Co,%' "
 		  . "AND body_html NOT LIKE '%<script>%' FROM eventshop.notifications WHERE template = 'welcome'"),
 	't', 'the HTML part escapes the hostile name');
 is($node->safe_psql('postgres',
-		"SELECT count(*) FROM eventshop.event_audit WHERE data::text LIKE '%$token%' "
+		"SELECT count(*) FROM eventshop.event_audit WHERE data::text LIKE '%$token%' OR data::text LIKE '%$magic%' "
 		  . "OR data::text LIKE '%invite-token%' OR data::text LIKE '%\@%' OR data::text ~ '\"[A-Za-z0-9_-]{40,}\"'"),
 	'0', 'no token, sealed value or address in the audit log');
 is($node->safe_psql('postgres',
