@@ -75,6 +75,8 @@ PGDLLEXPORT void eventshop_dispatcher_main(Datum main_arg);
 #define DISPATCHER_LEAVE_TIMEOUT_MS	2000
 /* How often the assigned partitions' watermarks are recorded, for the lag view. */
 #define DISPATCHER_WATERMARK_INTERVAL_MS	5000
+/* Unchanged watermarks are written again only this often, so an idle server writes little WAL. */
+#define DISPATCHER_WATERMARK_REFRESH_MS	60000
 /* Longest wait for Kafka's committed offsets when partitions are assigned. */
 #define DISPATCHER_COMMITTED_TIMEOUT_MS	5000
 
@@ -146,8 +148,10 @@ static bool in_rebalance = false;
 static ErrorData *rebalance_error = NULL;
 /* eventshop.dispatcher_topics as subscribed, to resubscribe when a reload changes it. */
 static char *subscribed_topics = NULL;
-/* When the watermarks were last recorded. */
+/* When the watermarks were last looked at, last written, and a digest of what was written. */
 static TimestampTz watermarks_recorded_at = 0;
+static TimestampTz watermarks_written_at = 0;
+static uint64 watermarks_digest = 0;
 
 static void dispatcher_open_consumer(void);
 static void dispatcher_close_consumer(void);
@@ -259,6 +263,7 @@ dispatcher_open_consumer(void)
 		pfree(subscribed_topics);
 	subscribed_topics = MemoryContextStrdup(TopMemoryContext, es_dispatcher_topics);
 	watermarks_recorded_at = 0;
+	watermarks_digest = 0;
 	err = rd_kafka_subscribe(dispatcher_kafka->rk, topics);
 	rd_kafka_topic_partition_list_destroy(topics);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -777,7 +782,9 @@ dispatcher_topics_changed(void)
  * Records the low and high watermarks librdkafka last saw (from fetch
  * responses, so without a broker round trip) for every assigned partition,
  * in a short transaction of its own. Partitions not fetched yet are left
- * out until they are.
+ * out until they are. Nothing is written when nothing changed, unless the
+ * last write is DISPATCHER_WATERMARK_REFRESH_MS old (recorded_at then shows
+ * that the worker is alive).
  */
 static void
 dispatcher_record_watermarks(void)
@@ -790,10 +797,13 @@ dispatcher_record_watermarks(void)
 	Datum	   *highs;
 	int			n = 0;
 	Datum		values[5];
+	uint64		digest = 14695981039346656037ULL;	/* FNV-1a */
+	TimestampTz now;
 
 	/* a commit before this left us in TopMemoryContext */
 	MemoryContextSwitchTo(loop_context);
-	watermarks_recorded_at = GetCurrentTimestamp();
+	now = GetCurrentTimestamp();
+	watermarks_recorded_at = now;
 	err = rd_kafka_assignment(dispatcher_kafka->rk, &assignment);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return;
@@ -815,8 +825,18 @@ dispatcher_record_watermarks(void)
 		lows[n] = Int64GetDatum(Max(low, 0));
 		highs[n] = Int64GetDatum(high);
 		n++;
+		for (const char *c = p->topic; *c; c++)
+			digest = (digest ^ (unsigned char) *c) * 1099511628211ULL;
+		digest = (digest ^ (uint64) p->partition) * 1099511628211ULL;
+		digest = (digest ^ (uint64) low) * 1099511628211ULL;
+		digest = (digest ^ (uint64) high) * 1099511628211ULL;
 	}
 	rd_kafka_topic_partition_list_destroy(assignment);
+	if (digest == watermarks_digest &&
+		!TimestampDifferenceExceeds(watermarks_written_at, now, DISPATCHER_WATERMARK_REFRESH_MS))
+		return;
+	watermarks_digest = digest;
+	watermarks_written_at = now;
 
 	es_worker_begin("eventshop dispatcher: recording watermarks");
 	values[0] = CStringGetTextDatum(es_dispatcher_group);
