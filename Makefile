@@ -23,6 +23,8 @@ OBJS = \
 	src/sealed_box.o \
 	src/orders.o \
 	src/payment_webhook.o \
+	src/template_render.o \
+	src/event_mask.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/relay_window.o \

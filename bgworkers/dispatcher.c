@@ -4,15 +4,22 @@
  *		sends the notifications they queue, by e-mail, with retries.
  *
  * Each notification is created exactly once:
- *	- The consumer's progress lives in eventshop.consumer_offsets, written by
- *	  eventshop._ingest_event in the same transaction as the inbox row and
- *	  the notifications an event produced. When partitions are assigned, the
- *	  consumer starts from those offsets, so a crash, restart or rebalance
- *	  re-reads at most the events of a batch that did not commit, and the
- *	  inbox (keyed by event id) turns a redelivered event into a no-op.
+ *	- The consumer's progress lives in eventshop.consumer_offsets, written
+ *	  once per partition per batch (eventshop._store_consumer_offsets) in the
+ *	  transaction that holds the inbox rows, audit rows and notifications the
+ *	  batch's events produced. When partitions are assigned, the consumer
+ *	  starts from those offsets, so a crash, restart or rebalance re-reads at
+ *	  most the events of a batch that did not commit, and the inbox (keyed by
+ *	  event id) turns a redelivered event into a no-op.
  *	- Offsets are also committed to Kafka, strictly after the database
- *	  commit, so that Kafka tooling shows the lag. Kafka's copy is used only
- *	  for partitions the database has no offset for.
+ *	  commit. On assignment the consumer starts at the later of the two: the
+ *	  database's offset, or Kafka's when another server of the same group
+ *	  consumed the partition further meanwhile (its own database holds those
+ *	  events), so several servers in one group split the partitions without
+ *	  handling an event twice.
+ *	- Every DISPATCHER_WATERMARK_INTERVAL_MS the high watermarks of the
+ *	  assigned partitions are recorded in eventshop.consumer_watermarks, for
+ *	  the eventshop.consumer_lag view.
  *	- A message that is no valid event (payload not UTF-8, NUL bytes, over
  *	  1 MB, not JSON, no id) is recorded in eventshop.rejected_events and
  *	  skipped. If a batch fails on some message's data all the same, it is
@@ -41,7 +48,9 @@
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -64,6 +73,12 @@ PGDLLEXPORT void eventshop_dispatcher_main(Datum main_arg);
 #define DISPATCHER_LEASE_SECONDS	60
 /* Longest wait for the broker when leaving the consumer group. */
 #define DISPATCHER_LEAVE_TIMEOUT_MS	2000
+/* How often the assigned partitions' watermarks are recorded, for the lag view. */
+#define DISPATCHER_WATERMARK_INTERVAL_MS	5000
+/* Unchanged watermarks are written again only this often, so an idle server writes little WAL. */
+#define DISPATCHER_WATERMARK_REFRESH_MS	60000
+/* Longest wait for Kafka's committed offsets when partitions are assigned. */
+#define DISPATCHER_COMMITTED_TIMEOUT_MS	5000
 
 /* A statement planned on first use and kept for the life of the worker. */
 typedef struct DispatcherQuery
@@ -82,9 +97,19 @@ typedef struct DispatcherNotification
 } DispatcherNotification;
 
 static DispatcherQuery ingest_query = {
-	.sql = "SELECT eventshop._ingest_event($1, $2, $3, $4, $5, $6, $7)",
-	.nargs = 7,
-	.argtypes = {TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID}
+	.sql = "SELECT eventshop._ingest_event($1, $2, $3, $4, $5, $6)",
+	.nargs = 6,
+	.argtypes = {TEXTOID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID}
+};
+static DispatcherQuery store_offsets_query = {
+	.sql = "SELECT eventshop._store_consumer_offsets($1, $2, $3, $4)",
+	.nargs = 4,
+	.argtypes = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID}
+};
+static DispatcherQuery watermarks_query = {
+	.sql = "SELECT eventshop._record_watermarks($1, $2, $3, $4, $5)",
+	.nargs = 5,
+	.argtypes = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID}
 };
 static DispatcherQuery offset_query = {
 	.sql = "SELECT next_offset FROM eventshop.consumer_offsets "
@@ -121,6 +146,12 @@ static bool rebalanced = false;
 static bool in_rebalance = false;
 /* An ERROR caught in the rebalance callback, raised again once the poll returned. */
 static ErrorData *rebalance_error = NULL;
+/* eventshop.dispatcher_topics as subscribed, to resubscribe when a reload changes it. */
+static char *subscribed_topics = NULL;
+/* When the watermarks were last looked at, last written, and a digest of what was written. */
+static TimestampTz watermarks_recorded_at = 0;
+static TimestampTz watermarks_written_at = 0;
+static uint64 watermarks_digest = 0;
 
 static void dispatcher_open_consumer(void);
 static void dispatcher_close_consumer(void);
@@ -148,6 +179,11 @@ static void dispatcher_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 								 rd_kafka_topic_partition_list_t *partitions, void *opaque);
 static bool dispatcher_load_offsets(rd_kafka_topic_partition_list_t *partitions);
 static void dispatcher_log_assignment(const char *what, const rd_kafka_topic_partition_list_t *partitions);
+static void dispatcher_store_offsets(rd_kafka_message_t **msgs, int count);
+static void dispatcher_apply_committed(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *partitions);
+static bool dispatcher_topics_changed(void);
+static void dispatcher_record_watermarks(void);
+static Datum dispatcher_array(Datum *elems, int count, Oid elemtype);
 static bool dispatcher_send_notifications(void);
 static int	dispatcher_claim_limit(void);
 static int	dispatcher_claim(int limit, DispatcherNotification **batch);
@@ -195,7 +231,8 @@ eventshop_dispatcher_main(Datum main_arg)
 		if (!more)
 			es_worker_wait(dispatcher_idle_timeout(), dispatcher_kafka->wake_pipe[0]);
 
-		if (dispatcher_kafka->fatal || es_kafka_settings_changed(dispatcher_kafka))
+		if (dispatcher_kafka->fatal || es_kafka_settings_changed(dispatcher_kafka) ||
+			dispatcher_topics_changed())
 		{
 			ereport(LOG,
 					(errmsg("eventshop dispatcher: recreating the Kafka consumer")));
@@ -222,6 +259,11 @@ dispatcher_open_consumer(void)
 	dispatcher_kafka = es_kafka_open(RD_KAFKA_CONSUMER, conf, "dispatcher");
 
 	topics = dispatcher_topic_list();
+	if (subscribed_topics != NULL)
+		pfree(subscribed_topics);
+	subscribed_topics = MemoryContextStrdup(TopMemoryContext, es_dispatcher_topics);
+	watermarks_recorded_at = 0;
+	watermarks_digest = 0;
 	err = rd_kafka_subscribe(dispatcher_kafka->rk, topics);
 	rd_kafka_topic_partition_list_destroy(topics);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -368,6 +410,9 @@ dispatcher_consume(void)
 		dispatcher_commit_offsets(held_messages, count);
 	}
 	dispatcher_release_messages();
+	if (TimestampDifferenceExceeds(watermarks_recorded_at, GetCurrentTimestamp(),
+								   DISPATCHER_WATERMARK_INTERVAL_MS))
+		dispatcher_record_watermarks();
 	return count == batch_size || rebalanced;
 }
 
@@ -451,6 +496,7 @@ dispatcher_ingest(rd_kafka_message_t **msgs, int count, bool as_rejected)
 		es_worker_begin("eventshop dispatcher: ingesting events");
 		for (int i = 0; i < count; i++)
 			rejected += dispatcher_ingest_message(msgs[i], as_rejected) ? 1 : 0;
+		dispatcher_store_offsets(msgs, count);
 		es_worker_commit();
 		if (rejected > 0 && !as_rejected)
 			ereport(LOG,
@@ -520,30 +566,29 @@ static bool
 dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected)
 {
 	const char *topic = rd_kafka_topic_name(msg->rkt);
-	Datum		values[7];
-	char		nulls[7];
+	Datum		values[6];
+	char		nulls[6];
 	bool		valid = !as_rejected;
 	bool		isnull;
 	Datum		status;
 
 	memset(nulls, 'n', sizeof(nulls));
-	values[0] = CStringGetTextDatum(es_dispatcher_group);
-	values[1] = CStringGetTextDatum(dispatcher_logical_topic(topic));
-	values[2] = Int32GetDatum(msg->partition);
-	values[3] = Int64GetDatum(msg->offset);
-	nulls[0] = nulls[1] = nulls[2] = nulls[3] = ' ';
+	values[0] = CStringGetTextDatum(dispatcher_logical_topic(topic));
+	values[1] = Int32GetDatum(msg->partition);
+	values[2] = Int64GetDatum(msg->offset);
+	nulls[0] = nulls[1] = nulls[2] = ' ';
 
 	valid = valid &&
-		dispatcher_read_header(msg, "ce_id", &values[4], &nulls[4]) &&
-		dispatcher_read_header(msg, "ce_type", &values[5], &nulls[5]) &&
+		dispatcher_read_header(msg, "ce_id", &values[3], &nulls[3]) &&
+		dispatcher_read_header(msg, "ce_type", &values[4], &nulls[4]) &&
 		dispatcher_valid_text(msg->payload, msg->len, DISPATCHER_MAX_PAYLOAD);
 	if (valid)
 	{
-		values[6] = dispatcher_text_datum(msg->payload, msg->len);
-		nulls[6] = ' ';
+		values[5] = dispatcher_text_datum(msg->payload, msg->len);
+		nulls[5] = ' ';
 	}
 	else
-		nulls[4] = nulls[5] = nulls[6] = 'n';
+		nulls[3] = nulls[4] = nulls[5] = 'n';
 
 	dispatcher_run(&ingest_query, values, nulls);
 	status = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -633,6 +678,178 @@ dispatcher_commit_result(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 }
 
 /*
+ * Stores, in the open batch transaction, the next offset of every partition
+ * the batch read from: one row per partition, not per message.
+ */
+static void
+dispatcher_store_offsets(rd_kafka_message_t **msgs, int count)
+{
+	Datum	   *topics = palloc(sizeof(Datum) * count);
+	Datum	   *partitions = palloc(sizeof(Datum) * count);
+	int64	   *next_offsets = palloc(sizeof(int64) * count);
+	rd_kafka_topic_t **rkts = palloc(sizeof(rd_kafka_topic_t *) * count);
+	Datum	   *offsets;
+	int			n = 0;
+	Datum		values[4];
+
+	for (int i = 0; i < count; i++)
+	{
+		int			j;
+
+		/* a batch spans few partitions: a linear search is cheapest */
+		for (j = 0; j < n; j++)
+			if (rkts[j] == msgs[i]->rkt && DatumGetInt32(partitions[j]) == msgs[i]->partition)
+				break;
+		if (j == n)
+		{
+			rkts[n] = msgs[i]->rkt;
+			topics[n] = CStringGetTextDatum(dispatcher_logical_topic(rd_kafka_topic_name(msgs[i]->rkt)));
+			partitions[n] = Int32GetDatum(msgs[i]->partition);
+			next_offsets[n] = msgs[i]->offset + 1;
+			n++;
+		}
+		else
+			next_offsets[j] = Max(next_offsets[j], msgs[i]->offset + 1);
+	}
+	offsets = palloc(sizeof(Datum) * n);
+	for (int j = 0; j < n; j++)
+		offsets[j] = Int64GetDatum(next_offsets[j]);
+	values[0] = CStringGetTextDatum(es_dispatcher_group);
+	values[1] = dispatcher_array(topics, n, TEXTOID);
+	values[2] = dispatcher_array(partitions, n, INT4OID);
+	values[3] = dispatcher_array(offsets, n, INT8OID);
+	dispatcher_run(&store_offsets_query, values, NULL);
+}
+
+/* A one-dimensional array Datum of count elements of a built-in type. */
+static Datum
+dispatcher_array(Datum *elems, int count, Oid elemtype)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_array(elems, count, elemtype, typlen, typbyval, typalign));
+}
+
+/*
+ * Moves each newly assigned partition's start offset forward to Kafka's
+ * committed offset when that is further: another server of the group
+ * consumed the partition meanwhile (and committed in its own database, then
+ * in Kafka). Kafka's offset never runs ahead of a database commit, so this
+ * skips nothing unconsumed. If Kafka cannot answer in time, the database's
+ * offsets stand (at worst an event is handled by two servers).
+ */
+static void
+dispatcher_apply_committed(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *partitions)
+{
+	rd_kafka_topic_partition_list_t *committed = rd_kafka_topic_partition_list_copy(partitions);
+	rd_kafka_resp_err_t err = rd_kafka_committed(rk, committed, DISPATCHER_COMMITTED_TIMEOUT_MS);
+
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		ereport(LOG,
+				(errmsg("eventshop dispatcher: could not read the group's committed offsets; starting from the database's: %s",
+						rd_kafka_err2str(err))));
+	else
+		for (int i = 0; i < partitions->cnt; i++)
+		{
+			rd_kafka_topic_partition_t *partition = &partitions->elems[i];
+			rd_kafka_topic_partition_t *c = &committed->elems[i];
+
+			/* an INVALID (negative) database offset means: use Kafka's anyway */
+			if (c->err == RD_KAFKA_RESP_ERR_NO_ERROR && c->offset >= 0 &&
+				partition->offset >= 0 && c->offset > partition->offset)
+			{
+				ereport(LOG,
+						(errmsg("eventshop dispatcher: %s [%d] was consumed up to offset " INT64_FORMAT " elsewhere in the group; starting there instead of at " INT64_FORMAT,
+								partition->topic, (int) partition->partition,
+								(int64) c->offset, (int64) partition->offset)));
+				partition->offset = c->offset;
+			}
+		}
+	rd_kafka_topic_partition_list_destroy(committed);
+}
+
+/* Whether a reload changed eventshop.dispatcher_topics since the subscription. */
+static bool
+dispatcher_topics_changed(void)
+{
+	return subscribed_topics != NULL && strcmp(subscribed_topics, es_dispatcher_topics) != 0;
+}
+
+/*
+ * Records the low and high watermarks librdkafka last saw (from fetch
+ * responses, so without a broker round trip) for every assigned partition,
+ * in a short transaction of its own. Partitions not fetched yet are left
+ * out until they are. Nothing is written when nothing changed, unless the
+ * last write is DISPATCHER_WATERMARK_REFRESH_MS old (recorded_at then shows
+ * that the worker is alive).
+ */
+static void
+dispatcher_record_watermarks(void)
+{
+	rd_kafka_topic_partition_list_t *assignment = NULL;
+	rd_kafka_resp_err_t err;
+	Datum	   *topics;
+	Datum	   *partitions;
+	Datum	   *lows;
+	Datum	   *highs;
+	int			n = 0;
+	Datum		values[5];
+	uint64		digest = 14695981039346656037ULL;	/* FNV-1a */
+	TimestampTz now;
+
+	/* a commit before this left us in TopMemoryContext */
+	MemoryContextSwitchTo(loop_context);
+	now = GetCurrentTimestamp();
+	watermarks_recorded_at = now;
+	err = rd_kafka_assignment(dispatcher_kafka->rk, &assignment);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	topics = palloc(sizeof(Datum) * Max(assignment->cnt, 1));
+	partitions = palloc(sizeof(Datum) * Max(assignment->cnt, 1));
+	lows = palloc(sizeof(Datum) * Max(assignment->cnt, 1));
+	highs = palloc(sizeof(Datum) * Max(assignment->cnt, 1));
+	for (int i = 0; i < assignment->cnt; i++)
+	{
+		rd_kafka_topic_partition_t *p = &assignment->elems[i];
+		int64_t		low = -1;
+		int64_t		high = -1;
+
+		if (rd_kafka_get_watermark_offsets(dispatcher_kafka->rk, p->topic, p->partition,
+										   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR || high < 0)
+			continue;
+		topics[n] = CStringGetTextDatum(dispatcher_logical_topic(p->topic));
+		partitions[n] = Int32GetDatum(p->partition);
+		lows[n] = Int64GetDatum(Max(low, 0));
+		highs[n] = Int64GetDatum(high);
+		n++;
+		for (const char *c = p->topic; *c; c++)
+			digest = (digest ^ (unsigned char) *c) * 1099511628211ULL;
+		digest = (digest ^ (uint64) p->partition) * 1099511628211ULL;
+		digest = (digest ^ (uint64) low) * 1099511628211ULL;
+		digest = (digest ^ (uint64) high) * 1099511628211ULL;
+	}
+	rd_kafka_topic_partition_list_destroy(assignment);
+	if (digest == watermarks_digest &&
+		!TimestampDifferenceExceeds(watermarks_written_at, now, DISPATCHER_WATERMARK_REFRESH_MS))
+		return;
+	watermarks_digest = digest;
+	watermarks_written_at = now;
+
+	es_worker_begin("eventshop dispatcher: recording watermarks");
+	values[0] = CStringGetTextDatum(es_dispatcher_group);
+	values[1] = dispatcher_array(topics, n, TEXTOID);
+	values[2] = dispatcher_array(partitions, n, INT4OID);
+	values[3] = dispatcher_array(lows, n, INT8OID);
+	values[4] = dispatcher_array(highs, n, INT8OID);
+	dispatcher_run(&watermarks_query, values, NULL);
+	es_worker_commit();
+	MemoryContextSwitchTo(loop_context);
+}
+
+/*
  * Rebalance callback, run inside rd_kafka_consumer_poll() on this thread:
  * on assignment, starts each partition at the offset stored in the database;
  * on revocation (or error), drops the partitions. Handles both the eager
@@ -655,6 +872,8 @@ dispatcher_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		in_rebalance = false;
 		return;					/* the poll's caller raises the error */
 	}
+	if (assign)
+		dispatcher_apply_committed(rk, partitions);
 
 	if (cooperative)
 		error = assign ? rd_kafka_incremental_assign(rk, partitions)

@@ -13,7 +13,9 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/snapmgr.h"
@@ -71,10 +73,17 @@ es_worker_wait(long timeout_ms, pgsocket socket)
 	return es_worker_check_interrupts();
 }
 
-/* Handles SIGTERM (via CHECK_FOR_INTERRUPTS) and SIGHUP; true if settings were reloaded. */
+/*
+ * Handles SIGTERM (via CHECK_FOR_INTERRUPTS) and SIGHUP; true if settings
+ * were reloaded. Also exits when the postmaster died: a busy worker that
+ * never sleeps would not notice otherwise, and would keep working (and
+ * holding shared memory, which blocks the restart) after a crash.
+ */
 bool
 es_worker_check_interrupts(void)
 {
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 	CHECK_FOR_INTERRUPTS();
 	if (ConfigReloadPending)
 	{

@@ -3130,33 +3130,32 @@ COMMENT ON TABLE eventshop.rejected_events IS 'Consumed messages that were not v
 
 CREATE TABLE eventshop.notification_templates (
 	name		text PRIMARY KEY,
-	channel		text NOT NULL CHECK (channel IN ('email')),
+	channel		text NOT NULL CHECK (channel IN ('email', 'sms', 'push', 'webhook', 'log')),
 	subject		text NOT NULL,
-	body_text	text NOT NULL
+	body_text	text NOT NULL,
+	body_html	text,
+	updated_at	timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE eventshop.notification_templates IS 'Message templates; {{display_name}} and {{email}} are replaced with the recipient''s data.';
+COMMENT ON TABLE eventshop.notification_templates IS 'Message templates: {{name}} placeholders are filled from the event''s data and the recipient''s account (see eventshop._notification_vars); values are HTML-escaped in body_html. Edited with eventshop.set_notification_template.';
 
 CREATE TABLE eventshop.notification_rules (
 	event_type	text NOT NULL,
 	template	text NOT NULL REFERENCES eventshop.notification_templates (name),
+	enabled		boolean NOT NULL DEFAULT true,
 	PRIMARY KEY (event_type, template)
 );
-COMMENT ON TABLE eventshop.notification_rules IS 'Which templates an event type produces.';
-
-INSERT INTO eventshop.notification_templates (name, channel, subject, body_text) VALUES
-	('welcome', 'email', 'Welcome to eventshop, {{display_name}}',
-	 E'Hello {{display_name}},\n\nyour eventshop account for {{email}} is ready.\n\nThe eventshop team\n');
-INSERT INTO eventshop.notification_rules (event_type, template) VALUES ('user.registered', 'welcome');
+COMMENT ON TABLE eventshop.notification_rules IS 'Which templates (and so channels) an event type produces. Edited with eventshop.set_notification_rule.';
 
 CREATE TABLE eventshop.notifications (
 	id				uuid PRIMARY KEY DEFAULT gen_random_uuid(),
 	event_id		uuid NOT NULL,
 	template		text NOT NULL,
-	channel			text NOT NULL,
+	channel			text NOT NULL CHECK (channel IN ('email', 'sms', 'push', 'webhook', 'log')),
 	user_id			uuid,
 	recipient		text NOT NULL,
 	subject			text NOT NULL,
 	body_text		text NOT NULL,
+	body_html		text,
 	status			text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
 	attempts		integer NOT NULL DEFAULT 0,
 	next_attempt_at	timestamptz NOT NULL DEFAULT now(),
@@ -3192,75 +3191,6 @@ CREATE TRIGGER notifications_wake_dispatcher
 	AFTER INSERT OR UPDATE ON eventshop.notifications
 	FOR EACH STATEMENT EXECUTE FUNCTION eventshop._wake_worker_on_commit('dispatcher');
 
--- Records one consumed message: advances the stored offset, skips it when
--- its event id was seen before, and queues the notifications its rules ask
--- for. Returns 'queued', 'duplicate', 'ignored' or 'rejected'. Called by the
--- dispatcher in the transaction that also stores its progress.
-CREATE FUNCTION eventshop._ingest_event(group_id text, topic text, partition integer, "offset" bigint,
-										event_id text, event_type text, payload text)
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_event	jsonb;
-	v_id	uuid;
-	v_user	eventshop.users%ROWTYPE;
-	v_rule	record;
-	v_count	integer := 0;
-BEGIN
-	INSERT INTO eventshop.consumer_offsets AS co (group_id, topic, partition, next_offset)
-	VALUES (_ingest_event.group_id, _ingest_event.topic, _ingest_event.partition, _ingest_event."offset" + 1)
-	ON CONFLICT ON CONSTRAINT consumer_offsets_pkey DO UPDATE
-		SET next_offset = GREATEST(co.next_offset, EXCLUDED.next_offset), updated_at = now();
-
-	BEGIN
-		v_event := payload::jsonb;
-		v_id := coalesce(event_id, v_event->>'id')::uuid;
-	EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
-		v_event := NULL;
-	END;
-	IF v_event IS NULL OR v_id IS NULL OR jsonb_typeof(v_event) <> 'object'
-	   OR coalesce(event_type, v_event->>'type') IS NULL THEN
-		INSERT INTO eventshop.rejected_events (topic, partition, "offset", reason)
-		VALUES (_ingest_event.topic, _ingest_event.partition, _ingest_event."offset",
-				'not a CloudEvents JSON document with an id and a type');
-		RETURN 'rejected';
-	END IF;
-
-	INSERT INTO eventshop.inbox (event_id, event_type, topic, partition, "offset")
-	VALUES (v_id, coalesce(event_type, v_event->>'type'), _ingest_event.topic,
-			_ingest_event.partition, _ingest_event."offset")
-	ON CONFLICT DO NOTHING;
-	IF NOT FOUND THEN
-		RETURN 'duplicate';
-	END IF;
-
-	FOR v_rule IN
-		SELECT t.* FROM eventshop.notification_rules r
-		JOIN eventshop.notification_templates t ON t.name = r.template
-		WHERE r.event_type = coalesce(_ingest_event.event_type, v_event->>'type')
-	LOOP
-		-- recipients come from the account, never from the event's masked data
-		IF v_user.id IS NULL THEN
-			SELECT u.* INTO v_user FROM eventshop.users u
-			WHERE u.id = CASE WHEN v_event->>'subject' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
-							  THEN (v_event->>'subject')::uuid END;
-			IF NOT FOUND THEN
-				EXIT;
-			END IF;
-		END IF;
-		INSERT INTO eventshop.notifications (event_id, template, channel, user_id, recipient, subject, body_text)
-		VALUES (v_id, v_rule.name, v_rule.channel, v_user.id, v_user.email,
-				replace(replace(v_rule.subject, '{{display_name}}', v_user.display_name), '{{email}}', v_user.email),
-				replace(replace(v_rule.body_text, '{{display_name}}', v_user.display_name), '{{email}}', v_user.email))
-		ON CONFLICT DO NOTHING;
-		v_count := v_count + 1;
-	END LOOP;
-	RETURN CASE WHEN v_count > 0 THEN 'queued' ELSE 'ignored' END;
-END
-$$;
-COMMENT ON FUNCTION eventshop._ingest_event(text, text, integer, bigint, text, text, text) IS 'Internal (dispatcher): stores one consumed message idempotently and queues its notifications.';
 
 -- Leases up to batch_size due notifications to the caller for lease_seconds:
 -- if the sender dies mid-send, the rows become due again when the lease ends.
@@ -3341,6 +3271,582 @@ SELECT status, channel, count(*) AS notifications,
 FROM eventshop.notifications
 GROUP BY status, channel;
 COMMENT ON VIEW eventshop.notification_status IS 'Notification queue depth by state and channel.';
+
+-- ---------------------------------------------------------------------------
+-- Dispatcher, consumer side: what consumed events produce. The worker calls
+-- _ingest_event once per message and _store_consumer_offsets once per batch,
+-- in one transaction with everything the batch produced (inbox rows, audit
+-- rows, notifications), so the stored offsets and the effects never disagree.
+-- ---------------------------------------------------------------------------
+
+-- Audit log (seed 001's auditlog-service): every consumed message, with its
+-- data masked by eventshop._mask_event_data. Append-only; purged by age.
+CREATE TABLE eventshop.event_audit (
+	id			bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	event_id	uuid,
+	event_type	text,
+	topic		text NOT NULL,
+	partition	integer NOT NULL,
+	"offset"	bigint NOT NULL,
+	subject		text,
+	source		text,
+	event_time	timestamptz,
+	received_at	timestamptz NOT NULL DEFAULT now(),
+	outcome		text NOT NULL CHECK (outcome IN ('queued', 'ignored', 'rejected')),
+	notifications integer NOT NULL DEFAULT 0,
+	data		jsonb
+);
+CREATE INDEX event_audit_type_idx ON eventshop.event_audit (event_type, id);
+CREATE INDEX event_audit_subject_idx ON eventshop.event_audit (subject, id);
+CREATE INDEX event_audit_received_idx ON eventshop.event_audit (received_at);
+COMMENT ON TABLE eventshop.event_audit IS 'Audit log of every consumed event (outcome queued, ignored or rejected) with masked data: no e-mail addresses, tokens, sealed values or hashes. Read with eventshop.audit_events, purged with eventshop.purge_event_audit.';
+SELECT pg_catalog.pg_extension_config_dump('eventshop.event_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('eventshop.event_audit_id_seq', '');
+
+-- High watermark of each partition the dispatcher holds, as the worker last
+-- saw it (every few seconds): lag = high_watermark - stored next offset.
+CREATE TABLE eventshop.consumer_watermarks (
+	group_id		text NOT NULL,
+	topic			text NOT NULL,
+	partition		integer NOT NULL,
+	low_watermark	bigint NOT NULL,
+	high_watermark	bigint NOT NULL,
+	recorded_at		timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (group_id, topic, partition)
+);
+COMMENT ON TABLE eventshop.consumer_watermarks IS 'Kafka watermarks of the partitions assigned to this server''s dispatcher, recorded by the worker every few seconds; rows of revoked partitions are removed.';
+
+-- Values a template may use, as one JSON object: the event's data without
+-- its secret members, the recipient's account (display_name, email,
+-- user_id), the event's own fields (event_id, event_type, event_time,
+-- subject), app_url (eventshop.app_url), secrets opened here and only here
+-- (token from data.sealed_token; the invitee's address from
+-- data.sealed_email), formatted amounts (total, amount) and inviter_name
+-- (_render_notifications adds event_json, the whole event with masked data,
+-- for the templates that use it, such as webhooks). The account
+-- is data.user_id, or the event subject when that is a uuid; members whose
+-- names start with an underscore are for the caller (_user_id, _email).
+-- Raises 22023 when a sealed value cannot be opened or is not an address.
+CREATE FUNCTION eventshop._notification_vars(event jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_data	jsonb := CASE WHEN jsonb_typeof(event->'data') = 'object' THEN event->'data' ELSE '{}' END;
+	v_uuid	text := '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
+	v_uid	text := CASE WHEN v_data->>'user_id' ~ v_uuid THEN v_data->>'user_id'
+						 -- auth.events are keyed by user id
+						 WHEN event->>'source' = '/eventshop/auth' AND event->>'subject' ~ v_uuid
+							  AND NOT v_data ? 'user_id' THEN event->>'subject' END;
+	v_user	eventshop.users%ROWTYPE;
+	v_vars	jsonb;
+	v_email	text;
+BEGIN
+	-- members the event must not be able to set are dropped from its data
+	v_vars := (v_data - ARRAY['sealed_token', 'sealed_email', 'email_hash', 'source_hash', 'token', 'email',
+							  'display_name', 'user_id', '_email', '_user_id', 'event_json', 'inviter_name'])
+		|| jsonb_build_object('event_id', event->>'id', 'event_type', event->>'type',
+							  'event_time', event->>'time', 'subject', event->>'subject',
+							  'app_url', rtrim(current_setting('eventshop.app_url'), '/'));
+	IF v_uid IS NOT NULL THEN
+		SELECT u.* INTO v_user FROM eventshop.users u WHERE u.id = v_uid::uuid;
+		IF FOUND THEN
+			v_vars := v_vars || jsonb_build_object('display_name', v_user.display_name, 'email', v_user.email,
+												   'user_id', v_user.id, '_user_id', v_user.id,
+												   '_email', v_user.email);
+		END IF;
+	END IF;
+	IF v_data->>'inviter_id' ~ v_uuid THEN
+		v_vars := v_vars || jsonb_build_object('inviter_name',
+			(SELECT u.display_name FROM eventshop.users u WHERE u.id = (v_data->>'inviter_id')::uuid));
+	END IF;
+	IF jsonb_typeof(v_data->'sealed_token') = 'string' THEN
+		v_vars := v_vars || jsonb_build_object('token', eventshop._open_sealed(v_data->>'sealed_token'));
+	END IF;
+	IF v_user.id IS NULL AND jsonb_typeof(v_data->'sealed_email') = 'string' THEN
+		-- an invitee without an account: the address travels sealed
+		v_email := eventshop._normalize_email(eventshop._open_sealed(v_data->>'sealed_email'));
+		v_vars := v_vars || jsonb_build_object('email', v_email, '_email', v_email);
+	END IF;
+	IF jsonb_typeof(v_data->'total_minor') = 'number' AND v_data->>'currency' ~ '^[A-Z]{3}$' THEN
+		v_vars := v_vars || jsonb_build_object('total',
+			eventshop._format_money((v_data->>'total_minor')::numeric, v_data->>'currency'));
+	END IF;
+	IF jsonb_typeof(v_data->'amount_minor') = 'number' AND v_data->>'currency' ~ '^[A-Z]{3}$' THEN
+		v_vars := v_vars || jsonb_build_object('amount',
+			eventshop._format_money((v_data->>'amount_minor')::numeric, v_data->>'currency'));
+	END IF;
+	RETURN v_vars;
+END
+$$;
+COMMENT ON FUNCTION eventshop._notification_vars(jsonb) IS 'Internal (dispatcher): the placeholder values for the notifications of one event; opens its sealed token or address.';
+
+-- Minor units as a decimal amount with the currency code (two decimals,
+-- none for the ISO 4217 currencies without minor units).
+CREATE FUNCTION eventshop._format_money(amount_minor numeric, currency text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE WHEN currency IN ('JPY', 'KRW', 'ISK', 'CLP', 'VND', 'XAF', 'XOF', 'UGX', 'PYG', 'RWF')
+				THEN amount_minor::text
+				ELSE to_char(amount_minor / 100, 'FM999999999999999990.00') END || ' ' || currency
+$$;
+COMMENT ON FUNCTION eventshop._format_money(numeric, text) IS 'Internal: formats an amount in minor units for a message, e.g. 1250 EUR -> 12.50 EUR.';
+
+-- Masks an event's data for the audit log and webhooks (C:
+-- src/event_mask.c): members whose names suggest personal data or secrets,
+-- strings that contain an @ or look like tokens, sealed values or hashes
+-- become "[masked]"; ids are kept; at most 16 kB.
+CREATE FUNCTION eventshop._mask_event_data(data jsonb)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'eventshop_mask_event_data'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._mask_event_data(jsonb) IS 'Internal: event data with personal data and secrets replaced by "[masked]", for the audit log and webhooks.';
+
+-- Template rendering (C: src/template_render.c).
+CREATE FUNCTION eventshop._render_template(template text, vars jsonb, mode text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'eventshop_render_template'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._render_template(text, jsonb, text) IS 'Internal: fills {{name}} placeholders from vars, escaping values for mode (text, html: HTML-escaped, header: control characters become spaces); 22023 for a malformed placeholder, 54000 over 256 kB.';
+
+CREATE FUNCTION eventshop._template_placeholders(template text)
+RETURNS text[]
+AS 'MODULE_PATHNAME', 'eventshop_template_placeholders'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._template_placeholders(text) IS 'Internal: the distinct placeholder names of a template; 22023 for a malformed placeholder.';
+
+CREATE TYPE eventshop.rendered_notification AS (
+	template	text,
+	channel		text,
+	user_id		uuid,
+	recipient	text,
+	subject		text,
+	body_text	text,
+	body_html	text
+);
+COMMENT ON TYPE eventshop.rendered_notification IS 'Internal: one notification an event asks for, rendered.';
+
+-- Renders the notifications the enabled rules ask for. Recipients: e-mail
+-- goes to the account's address (or the unsealed invitee address), sms,
+-- push and log to the user id (the provider resolves numbers and devices),
+-- webhook to 'webhook' (the sender resolves the configured endpoint). A rule
+-- whose recipient is unknown (no account) produces nothing. Writes nothing,
+-- so the caller can catch its errors without a subtransaction that holds a
+-- transaction id.
+CREATE FUNCTION eventshop._render_notifications(event_type text, event jsonb)
+RETURNS SETOF eventshop.rendered_notification
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_rule		record;
+	v_vars		jsonb;
+	v_recipient	text;
+BEGIN
+	FOR v_rule IN
+		SELECT t.* FROM eventshop.notification_rules r
+		JOIN eventshop.notification_templates t ON t.name = r.template
+		WHERE r.event_type = _render_notifications.event_type AND r.enabled
+		ORDER BY t.name
+	LOOP
+		v_vars := coalesce(v_vars, eventshop._notification_vars(event));
+		-- the whole event as JSON (masked) is made only for templates that use it
+		IF NOT v_vars ? 'event_json'
+		   AND strpos(v_rule.subject || v_rule.body_text || coalesce(v_rule.body_html, ''), 'event_json') > 0 THEN
+			v_vars := v_vars || jsonb_build_object('event_json',
+				(event || jsonb_build_object('data', eventshop._mask_event_data(event->'data')))::text);
+		END IF;
+		v_recipient := CASE v_rule.channel
+						   WHEN 'email' THEN v_vars->>'_email'
+						   WHEN 'webhook' THEN 'webhook'
+						   ELSE v_vars->>'_user_id' END;
+		CONTINUE WHEN v_recipient IS NULL;
+		RETURN NEXT (v_rule.name, v_rule.channel, (v_vars->>'_user_id')::uuid, v_recipient,
+					 left(eventshop._render_template(v_rule.subject, v_vars, 'header'), 998),
+					 eventshop._render_template(v_rule.body_text, v_vars, 'text'),
+					 eventshop._render_template(v_rule.body_html, v_vars, 'html'))::eventshop.rendered_notification;
+	END LOOP;
+END
+$$;
+COMMENT ON FUNCTION eventshop._render_notifications(text, jsonb) IS 'Internal (dispatcher): renders the notifications the rules of an event type ask for, with their recipients.';
+
+-- Records one consumed message: skips it when its event id was seen before;
+-- otherwise queues the notifications its rules ask for and writes its audit
+-- row. A message that is no CloudEvent, or whose notifications cannot be
+-- made (a sealed token that does not open, a value too long), is recorded
+-- in rejected_events (and the audit log) and skipped for good. Returns
+-- 'queued', 'duplicate', 'ignored' or 'rejected'. The caller stores the
+-- batch's offsets with _store_consumer_offsets in the same transaction.
+CREATE FUNCTION eventshop._ingest_event(topic text, partition integer, "offset" bigint,
+										event_id text, event_type text, payload text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_event		jsonb;
+	v_id		uuid;
+	v_type		text;
+	v_time		timestamptz;
+	v_rows		eventshop.rendered_notification[];
+	v_reason	text;
+	v_outcome	text;
+BEGIN
+	BEGIN
+		v_event := payload::jsonb;
+		v_id := coalesce(event_id, v_event->>'id')::uuid;
+		v_type := coalesce(event_type, v_event->>'type');
+	EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+		v_event := NULL;
+	END;
+	IF v_event IS NULL OR v_id IS NULL OR jsonb_typeof(v_event) <> 'object' OR v_type IS NULL
+	   OR v_type !~ '^[A-Za-z0-9_.-]{1,200}$' THEN
+		INSERT INTO eventshop.rejected_events (topic, partition, "offset", reason)
+		VALUES (_ingest_event.topic, _ingest_event.partition, _ingest_event."offset",
+				'not a CloudEvents JSON document with an id and a type');
+		INSERT INTO eventshop.event_audit (topic, partition, "offset", outcome)
+		VALUES (_ingest_event.topic, _ingest_event.partition, _ingest_event."offset", 'rejected');
+		RETURN 'rejected';
+	END IF;
+
+	INSERT INTO eventshop.inbox (event_id, event_type, topic, partition, "offset")
+	VALUES (v_id, v_type, _ingest_event.topic, _ingest_event.partition, _ingest_event."offset")
+	ON CONFLICT DO NOTHING;
+	IF NOT FOUND THEN
+		RETURN 'duplicate';
+	END IF;
+
+	-- Writes nothing, so this block needs no transaction id of its own.
+	-- Variables keep their values when the block fails: a bad time alone
+	-- leaves the rendered rows (and only the time) in place.
+	BEGIN
+		v_rows := ARRAY(SELECT r FROM eventshop._render_notifications(v_type, v_event) AS r);
+		v_time := (v_event->>'time')::timestamptz;
+	EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+		IF v_rows IS NULL THEN
+			v_reason := left(v_type || ': ' || SQLERRM, 500);
+		END IF;
+	END;
+	IF v_reason IS NOT NULL THEN
+		INSERT INTO eventshop.rejected_events (topic, partition, "offset", reason)
+		VALUES (_ingest_event.topic, _ingest_event.partition, _ingest_event."offset", v_reason);
+		v_rows := '{}';
+	END IF;
+
+	INSERT INTO eventshop.notifications (event_id, template, channel, user_id, recipient, subject,
+										 body_text, body_html)
+	SELECT v_id, r.template, r.channel, r.user_id, r.recipient, r.subject, r.body_text, r.body_html
+	FROM unnest(v_rows) AS r
+	ON CONFLICT DO NOTHING;
+	v_outcome := CASE WHEN v_reason IS NOT NULL THEN 'rejected'
+					  WHEN cardinality(v_rows) > 0 THEN 'queued' ELSE 'ignored' END;
+	INSERT INTO eventshop.event_audit (event_id, event_type, topic, partition, "offset", subject, source,
+									   event_time, outcome, notifications, data)
+	VALUES (v_id, v_type, _ingest_event.topic, _ingest_event.partition, _ingest_event."offset",
+			left(v_event->>'subject', 200), left(v_event->>'source', 200), v_time, v_outcome,
+			cardinality(v_rows), eventshop._mask_event_data(v_event->'data'));
+	RETURN v_outcome;
+END
+$$;
+COMMENT ON FUNCTION eventshop._ingest_event(text, integer, bigint, text, text, text) IS 'Internal (dispatcher): stores one consumed message idempotently (inbox), queues its notifications and writes its audit row.';
+
+-- Stores the next offset of every partition a batch read from, once per
+-- partition, in the batch's transaction. Offsets never move backwards.
+CREATE FUNCTION eventshop._store_consumer_offsets(group_id text, topics text[], partitions integer[],
+												  next_offsets bigint[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO eventshop.consumer_offsets AS co (group_id, topic, partition, next_offset)
+	SELECT _store_consumer_offsets.group_id, o.topic, o.partition, o.next_offset
+	FROM unnest(topics, partitions, next_offsets) AS o(topic, partition, next_offset)
+	ON CONFLICT ON CONSTRAINT consumer_offsets_pkey DO UPDATE
+		SET next_offset = GREATEST(co.next_offset, EXCLUDED.next_offset), updated_at = now()
+$$;
+COMMENT ON FUNCTION eventshop._store_consumer_offsets(text, text[], integer[], bigint[]) IS 'Internal (dispatcher): stores the next offsets of a consumed batch, one row per partition.';
+
+-- Replaces this group's watermark rows with the partitions it holds now.
+CREATE FUNCTION eventshop._record_watermarks(group_id text, topics text[], partitions integer[],
+											 low_watermarks bigint[], high_watermarks bigint[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+	DELETE FROM eventshop.consumer_watermarks w
+	WHERE w.group_id = _record_watermarks.group_id
+	  AND (w.topic, w.partition) NOT IN (SELECT t, p FROM unnest(topics, partitions) AS a(t, p));
+	INSERT INTO eventshop.consumer_watermarks AS w (group_id, topic, partition, low_watermark, high_watermark)
+	SELECT _record_watermarks.group_id, a.t, a.p, a.lo, a.hi
+	FROM unnest(topics, partitions, low_watermarks, high_watermarks) AS a(t, p, lo, hi)
+	ON CONFLICT ON CONSTRAINT consumer_watermarks_pkey DO UPDATE
+		SET low_watermark = EXCLUDED.low_watermark, high_watermark = EXCLUDED.high_watermark,
+			recorded_at = now();
+$$;
+COMMENT ON FUNCTION eventshop._record_watermarks(text, text[], integer[], bigint[], bigint[]) IS 'Internal (dispatcher): records the watermarks of the partitions assigned to the dispatcher.';
+
+-- ---------------------------------------------------------------------------
+-- Templates and rules shipped with the extension. Data contracts of the
+-- events they render (data members; user_id names the recipient's account):
+--   user.registered, user.logged_in: user_id
+--   password.reset_requested, auth.magic_link_requested,
+--   email.verification_requested: user_id, sealed_token, expires_at
+--   order.created: order_id, user_id, currency, total_minor, item_count, reserved_until
+--   order.cancelled: order_id, user_id, by
+--   payment.succeeded: order_id, user_id, amount_minor, currency, provider_ref
+--   registration.created (registrations.events, key = event id):
+--     registration_id, event_id, event_title, starts_at, user_id
+--   invite.created (invites.events, key = invite id): invite_id, inviter_id,
+--     event_title, expires_at, sealed_token, and either user_id (an account)
+--     or sealed_email (the invitee's address, sealed with eventshop._seal)
+-- ---------------------------------------------------------------------------
+INSERT INTO eventshop.notification_templates (name, channel, subject, body_text, body_html) VALUES
+	('welcome', 'email', 'Welcome to eventshop, {{display_name}}',
+	 E'Hello {{display_name}},\n\nyour eventshop account for {{email}} is ready.\n\nThe eventshop team\n',
+	 '<p>Hello {{display_name}},</p><p>your eventshop account for {{email}} is ready.</p><p>The eventshop team</p>'),
+	('login_alert', 'email', 'New sign-in to your eventshop account',
+	 E'Hello {{display_name}},\n\nyour account {{email}} was signed in at {{event_time}}.\nIf this was not you, reset your password at {{app_url}}/forgot-password.\n\nThe eventshop team\n',
+	 '<p>Hello {{display_name}},</p><p>your account {{email}} was signed in at {{event_time}}.</p><p>If this was not you, <a href="{{app_url}}/forgot-password">reset your password</a>.</p>'),
+	('password_reset', 'email', 'Reset your eventshop password',
+	 E'Hello {{display_name}},\n\nto choose a new password, open this link before {{expires_at}}:\n{{app_url}}/reset-password?token={{token}}\n\nIf you did not ask for it, ignore this e-mail.\n',
+	 '<p>Hello {{display_name}},</p><p><a href="{{app_url}}/reset-password?token={{token}}">Choose a new password</a> before {{expires_at}}.</p><p>If you did not ask for it, ignore this e-mail.</p>'),
+	('magic_link', 'email', 'Your eventshop sign-in link',
+	 E'Hello {{display_name}},\n\nsign in with this link before {{expires_at}}:\n{{app_url}}/magic-link?token={{token}}\n\nIf you did not ask for it, ignore this e-mail.\n',
+	 '<p>Hello {{display_name}},</p><p><a href="{{app_url}}/magic-link?token={{token}}">Sign in</a> before {{expires_at}}.</p><p>If you did not ask for it, ignore this e-mail.</p>'),
+	('email_verification', 'email', 'Confirm your e-mail address',
+	 E'Hello {{display_name}},\n\nconfirm {{email}} with this link before {{expires_at}}:\n{{app_url}}/verify-email?token={{token}}\n',
+	 '<p>Hello {{display_name}},</p><p><a href="{{app_url}}/verify-email?token={{token}}">Confirm {{email}}</a> before {{expires_at}}.</p>'),
+	('order_confirmation', 'email', 'Your eventshop order {{order_id}}',
+	 E'Hello {{display_name}},\n\nthank you for your order {{order_id}}: {{item_count}} item(s), {{total}}.\nPlease pay before {{reserved_until}}; your items are reserved until then.\n',
+	 '<p>Hello {{display_name}},</p><p>thank you for your order {{order_id}}: {{item_count}} item(s), <b>{{total}}</b>.</p><p>Please pay before {{reserved_until}}; your items are reserved until then.</p>'),
+	('payment_receipt', 'email', 'Payment received for order {{order_id}}',
+	 E'Hello {{display_name}},\n\nwe received your payment of {{amount}} for order {{order_id}} (reference {{provider_ref}}).\n',
+	 '<p>Hello {{display_name}},</p><p>we received your payment of <b>{{amount}}</b> for order {{order_id}} (reference {{provider_ref}}).</p>'),
+	('order_cancelled', 'email', 'Your eventshop order {{order_id}} was cancelled',
+	 E'Hello {{display_name}},\n\nyour order {{order_id}} was cancelled and its items were released.\n',
+	 '<p>Hello {{display_name}},</p><p>your order {{order_id}} was cancelled and its items were released.</p>'),
+	('registration_confirmation', 'email', 'You are registered for {{event_title}}',
+	 E'Hello {{display_name}},\n\nyour registration {{registration_id}} for {{event_title}} ({{starts_at}}) is confirmed.\n',
+	 '<p>Hello {{display_name}},</p><p>your registration {{registration_id}} for <b>{{event_title}}</b> ({{starts_at}}) is confirmed.</p>'),
+	('invite', 'email', '{{inviter_name}} invited you to {{event_title}}',
+	 E'Hello,\n\n{{inviter_name}} invited you to {{event_title}}. Accept before {{expires_at}}:\n{{app_url}}/invites/accept?token={{token}}\n',
+	 '<p>Hello,</p><p>{{inviter_name}} invited you to <b>{{event_title}}</b>.</p><p><a href="{{app_url}}/invites/accept?token={{token}}">Accept the invitation</a> before {{expires_at}}.</p>'),
+	('event_webhook', 'webhook', '{{event_type}}', '{{event_json}}', NULL);
+INSERT INTO eventshop.notification_rules (event_type, template) VALUES
+	('user.registered', 'welcome'),
+	('user.logged_in', 'login_alert'),
+	('password.reset_requested', 'password_reset'),
+	('auth.magic_link_requested', 'magic_link'),
+	('email.verification_requested', 'email_verification'),
+	('order.created', 'order_confirmation'),
+	('payment.succeeded', 'payment_receipt'),
+	('order.cancelled', 'order_cancelled'),
+	('registration.created', 'registration_confirmation'),
+	('invite.created', 'invite');
+
+CREATE VIEW eventshop.notification_rule_templates AS
+SELECT r.event_type, r.enabled, t.name AS template, t.channel, t.subject, t.body_text, t.body_html, t.updated_at
+FROM eventshop.notification_rules r
+RIGHT JOIN eventshop.notification_templates t ON t.name = r.template;
+COMMENT ON VIEW eventshop.notification_rule_templates IS 'Every template with the event types whose rules use it (none: event_type is NULL), for administrators.';
+
+-- ---------------------------------------------------------------------------
+-- Administration of templates and rules (role eventshop_admin).
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop._check_template_text(what text, value text, max_length integer, single_line boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF value IS NULL THEN
+		RAISE EXCEPTION '% is required', what USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF char_length(value) NOT BETWEEN 1 AND max_length THEN
+		RAISE EXCEPTION '% must be 1 to % characters long', what, max_length
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF (single_line AND value ~ '[[:cntrl:]]') OR value ~ '[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]' THEN
+		RAISE EXCEPTION '% contains control characters', what
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = CASE WHEN single_line THEN 'A subject is a single line.' END;
+	END IF;
+	BEGIN
+		PERFORM eventshop._template_placeholders(value);
+	EXCEPTION WHEN invalid_parameter_value THEN
+		RAISE EXCEPTION '%: %', what, SQLERRM USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Placeholders look like {{name}}: a letter or underscore, then up to 62 letters, digits or underscores.';
+	END;
+END
+$$;
+COMMENT ON FUNCTION eventshop._check_template_text(text, text, integer, boolean) IS 'Internal: validates one part of a template (presence, length, control characters, placeholder syntax).';
+
+CREATE FUNCTION eventshop.set_notification_template(name text, channel text, subject text, body_text text,
+													body_html text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+		RAISE EXCEPTION 'invalid template name' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use a lower-case letter, then up to 62 lower-case letters, digits or underscores.';
+	END IF;
+	IF channel IS NULL OR channel NOT IN ('email', 'sms', 'push', 'webhook', 'log') THEN
+		RAISE EXCEPTION 'invalid channel "%"', channel USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Use email, sms, push, webhook or log.';
+	END IF;
+	PERFORM eventshop._check_template_text('subject', subject, 200, true);
+	PERFORM eventshop._check_template_text('body_text', body_text, 20000, false);
+	IF body_html IS NOT NULL THEN
+		PERFORM eventshop._check_template_text('body_html', body_html, 100000, false);
+	END IF;
+	INSERT INTO eventshop.notification_templates AS t (name, channel, subject, body_text, body_html, updated_at)
+	VALUES (set_notification_template.name, set_notification_template.channel, set_notification_template.subject,
+			set_notification_template.body_text, set_notification_template.body_html, now())
+	ON CONFLICT ON CONSTRAINT notification_templates_pkey DO UPDATE
+		SET channel = EXCLUDED.channel, subject = EXCLUDED.subject, body_text = EXCLUDED.body_text,
+			body_html = EXCLUDED.body_html, updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION eventshop.set_notification_template(text, text, text, text, text) IS 'For administrators: creates or replaces a notification template after checking it (name, channel email/sms/push/webhook/log, one-line subject up to 200 characters, body_text up to 20000, optional body_html up to 100000, {{name}} placeholders well-formed). Applies to events consumed from then on. Errors: 22023 invalid input, 22004 missing input.';
+
+CREATE FUNCTION eventshop.set_notification_rule(event_type text, template text, enabled boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$' OR char_length(event_type) > 200 THEN
+		RAISE EXCEPTION 'invalid event type' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Event types look like order.created.';
+	END IF;
+	IF enabled IS NULL THEN
+		RAISE EXCEPTION 'enabled is required' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF NOT EXISTS (SELECT FROM eventshop.notification_templates t WHERE t.name = set_notification_rule.template) THEN
+		RAISE EXCEPTION 'no template named "%"', template USING ERRCODE = 'no_data_found',
+			HINT = 'Create it with eventshop.set_notification_template first.';
+	END IF;
+	INSERT INTO eventshop.notification_rules AS r (event_type, template, enabled)
+	VALUES (set_notification_rule.event_type, set_notification_rule.template, set_notification_rule.enabled)
+	ON CONFLICT ON CONSTRAINT notification_rules_pkey DO UPDATE SET enabled = EXCLUDED.enabled;
+END
+$$;
+COMMENT ON FUNCTION eventshop.set_notification_rule(text, text, boolean) IS 'For administrators: makes an event type produce a template''s notification (enabled) or stop producing it. Errors: 22023 invalid event type, P0002 no such template.';
+
+CREATE FUNCTION eventshop.preview_notification(template text, event jsonb,
+											   OUT subject text, OUT body_text text, OUT body_html text)
+RETURNS record
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_t		eventshop.notification_templates%ROWTYPE;
+	v_vars	jsonb;
+BEGIN
+	SELECT t.* INTO v_t FROM eventshop.notification_templates t WHERE t.name = preview_notification.template;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'no template named "%"', template USING ERRCODE = 'no_data_found';
+	END IF;
+	IF jsonb_typeof(event) IS DISTINCT FROM 'object' OR jsonb_typeof(event->'data') IS DISTINCT FROM 'object' THEN
+		RAISE EXCEPTION 'event must be a JSON object with a data object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	-- no sealed values are opened for a preview, and no account is looked up
+	v_vars := (eventshop._notification_vars(event - 'subject' || jsonb_build_object('data',
+				 (event->'data') - ARRAY['user_id', 'sealed_token', 'sealed_email', 'inviter_id'])))
+			  || (event->'data') - ARRAY['user_id', 'sealed_token', 'sealed_email', 'inviter_id'];
+	subject := eventshop._render_template(v_t.subject, v_vars, 'header');
+	body_text := eventshop._render_template(v_t.body_text, v_vars, 'text');
+	body_html := eventshop._render_template(v_t.body_html, v_vars, 'html');
+END
+$$;
+COMMENT ON FUNCTION eventshop.preview_notification(text, jsonb) IS 'For administrators: renders a template with an example event {"type": ..., "data": {...}} whose data members stand in for every placeholder (display_name, email, token, ...); opens no sealed value and reads no account. Errors: P0002 no such template, 22023 bad event.';
+
+-- ---------------------------------------------------------------------------
+-- Audit log queries and retention (role eventshop_admin; pg_cron).
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION eventshop.audit_events(event_type text DEFAULT NULL, subject text DEFAULT NULL,
+									   from_time timestamptz DEFAULT NULL, to_time timestamptz DEFAULT NULL,
+									   before_id bigint DEFAULT NULL, page_size integer DEFAULT 100)
+RETURNS SETOF eventshop.event_audit
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'page_size must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF from_time > to_time THEN
+		RAISE EXCEPTION 'from_time is after to_time' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	RETURN QUERY
+		SELECT a.* FROM eventshop.event_audit a
+		WHERE (audit_events.event_type IS NULL OR a.event_type = audit_events.event_type)
+		  AND (audit_events.subject IS NULL OR a.subject = audit_events.subject)
+		  AND (from_time IS NULL OR a.received_at >= from_time)
+		  AND (to_time IS NULL OR a.received_at < to_time)
+		  AND (before_id IS NULL OR a.id < before_id)
+		ORDER BY a.id DESC
+		LIMIT page_size;
+END
+$$;
+COMMENT ON FUNCTION eventshop.audit_events(text, text, timestamptz, timestamptz, bigint, integer) IS 'For administrators: consumed events newest first, filtered by type, subject (the Kafka key: user, order, event or invite id) and receipt time [from_time, to_time); page with before_id = the last id of the previous page. Errors: 22023 page_size outside 1-1000, from_time after to_time.';
+
+CREATE FUNCTION eventshop.purge_event_audit(older_than interval DEFAULT '90 days', max_rows integer DEFAULT 100000)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_count bigint;
+BEGIN
+	IF older_than IS NULL OR older_than < interval '0' OR max_rows IS NULL OR max_rows < 1 THEN
+		RAISE EXCEPTION 'older_than must be a non-negative interval and max_rows positive'
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	DELETE FROM eventshop.event_audit a
+	WHERE a.id IN (SELECT b.id FROM eventshop.event_audit b
+				   WHERE b.received_at < now() - older_than ORDER BY b.received_at LIMIT max_rows);
+	GET DIAGNOSTICS v_count = ROW_COUNT;
+	RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION eventshop.purge_event_audit(interval, integer) IS 'Retention for pg_cron: deletes up to max_rows audit rows received more than older_than ago; returns how many. Errors: 22023 invalid arguments.';
+
+-- ---------------------------------------------------------------------------
+-- Operations: consumer lag per partition and the dispatcher at a glance.
+-- ---------------------------------------------------------------------------
+CREATE VIEW eventshop.consumer_lag AS
+SELECT w.group_id, w.topic, w.partition, o.next_offset AS stored_offset, w.high_watermark,
+	   greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0) AS lag,
+	   w.recorded_at
+FROM eventshop.consumer_watermarks w
+LEFT JOIN eventshop.consumer_offsets o
+	ON o.group_id = w.group_id AND o.topic = w.topic AND o.partition = w.partition;
+COMMENT ON VIEW eventshop.consumer_lag IS 'Per assigned partition: the stored next offset, the high watermark the dispatcher last saw, and the difference (events not yet consumed).';
+
+CREATE VIEW eventshop.dispatcher_status AS
+SELECT (SELECT coalesce(sum(l.lag), 0) FROM eventshop.consumer_lag l) AS consumer_lag,
+	   (SELECT count(*) FROM eventshop.consumer_watermarks) AS partitions_assigned,
+	   (SELECT max(w.recorded_at) FROM eventshop.consumer_watermarks w) AS lag_recorded_at,
+	   (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}')
+		FROM (SELECT n.status, count(*) AS n FROM eventshop.notifications n GROUP BY n.status) s) AS queue_depth,
+	   (SELECT count(*) FROM eventshop.notifications n WHERE n.status = 'pending') AS pending,
+	   (SELECT max(clock_timestamp() - n.created_at) FROM eventshop.notifications n
+		WHERE n.status = 'pending') AS oldest_pending_age,
+	   (SELECT count(*) FROM eventshop.notifications n WHERE n.status = 'dead') AS dead_letters,
+	   (SELECT count(*) FROM eventshop.rejected_events) AS rejected_events,
+	   (SELECT max(i.received_at) FROM eventshop.inbox i) AS last_event_at;
+COMMENT ON VIEW eventshop.dispatcher_status IS 'The dispatcher at a glance: total consumer lag, assigned partitions, notifications by state, oldest pending age, dead letters, rejected messages, last consumed event.';
 
 -- ---------------------------------------------------------------------------
 -- Signing keys, JWT and secrets (C: src/crypto_util.c, src/key_store.c,
@@ -3582,3 +4088,13 @@ GRANT EXECUTE ON FUNCTION eventshop.retry_parked_event(bigint), eventshop.retry_
 	eventshop.discard_parked_event(bigint), eventshop.purge_published_events(interval),
 	eventshop.reset_relay_latency()
 	TO eventshop_admin;
+-- Notifications, consumer side: templates, rules and the audit log for
+-- operators; the consumer's lag and status for monitoring.
+GRANT EXECUTE ON FUNCTION
+	eventshop.set_notification_template(text, text, text, text, text),
+	eventshop.set_notification_rule(text, text, boolean), eventshop.preview_notification(text, jsonb),
+	eventshop.audit_events(text, text, timestamptz, timestamptz, bigint, integer),
+	eventshop.purge_event_audit(interval, integer)
+	TO eventshop_admin;
+GRANT SELECT ON eventshop.notification_rule_templates TO eventshop_admin;
+GRANT SELECT ON eventshop.consumer_lag, eventshop.dispatcher_status TO eventshop_admin, pg_monitor;

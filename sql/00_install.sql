@@ -114,7 +114,12 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.record_refund(uuid,text,text,bigint,text)',
                     'eventshop.verify_webhook_signature(text,text,text,integer,bigint)',
                     'eventshop.sales_by_day(date,date)',
-                    'eventshop.sales_by_category(date,date)'],
+                    'eventshop.sales_by_category(date,date)',
+                    'eventshop.set_notification_template(text,text,text,text,text)',
+                    'eventshop.set_notification_rule(text,text,boolean)',
+                    'eventshop.preview_notification(text,jsonb)',
+                    'eventshop.audit_events(text,text,timestamp with time zone,timestamp with time zone,bigint,integer)',
+                    'eventshop.purge_event_audit(interval,integer)'],
               'the API functions, and only they, are SECURITY DEFINER');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace
@@ -137,7 +142,7 @@ SELECT has_function('eventshop', '_check_password_policy', ARRAY['text'],
 SELECT has_function('eventshop', '_mask_email', ARRAY['text'],
                     'function eventshop._mask_email exists');
 SELECT has_function('eventshop', '_ingest_event',
-                    ARRAY['text', 'text', 'integer', 'bigint', 'text', 'text', 'text'],
+                    ARRAY['text', 'integer', 'bigint', 'text', 'text', 'text'],
                     'function eventshop._ingest_event exists');
 SELECT has_function('eventshop', '_claim_notifications', ARRAY['integer', 'integer'],
                     'function eventshop._claim_notifications exists');
@@ -191,7 +196,8 @@ SELECT ok((SELECT 'eventshop.outbox_id_seq'::regclass = ANY (extconfig) FROM pg_
           'pg_dump keeps the position of the outbox id sequence');
 SELECT is_empty($$SELECT c.oid::regclass::text FROM pg_class c
                   WHERE c.relnamespace = 'eventshop'::regnamespace AND c.relkind IN ('r', 'S')
-                    AND c.relname NOT IN ('common_passwords', 'notification_templates', 'notification_rules')
+                    AND c.relname NOT IN ('common_passwords', 'notification_templates', 'notification_rules',
+                                          'consumer_watermarks')
                     AND c.oid <> ALL (SELECT unnest(e.extconfig) FROM pg_extension e
                                       WHERE e.extname = 'eventshop')
                   ORDER BY c.relname COLLATE "C"$$,
@@ -202,6 +208,7 @@ SELECT ok((SELECT count(*) >= 50 FROM eventshop.common_passwords),
 SELECT results_eq($$SELECT r.event_type, r.template, t.channel
                     FROM eventshop.notification_rules r
                     JOIN eventshop.notification_templates t ON t.name = r.template
+                    WHERE r.event_type = 'user.registered'
                     ORDER BY 1, 2$$,
                   $$VALUES ('user.registered'::text, 'welcome'::text, 'email'::text)$$,
                   'user.registered sends the welcome e-mail');

@@ -87,8 +87,9 @@ SELECT set_eq($$SELECT c.oid::regclass::text FROM pg_class c
                                            'SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER')
                        OR has_any_column_privilege('eventshop_admin', c.oid,
                                                    'SELECT,INSERT,UPDATE,REFERENCES'))$$,
-              ARRAY['eventshop.outbox_status', 'eventshop.notification_status', 'eventshop.parked_events'],
-              'eventshop_admin may read the status views and the parked events, and no table');
+              ARRAY['eventshop.outbox_status', 'eventshop.notification_status', 'eventshop.parked_events',
+                    'eventshop.consumer_lag', 'eventshop.dispatcher_status', 'eventshop.notification_rule_templates'],
+              'eventshop_admin may read the status views, the parked events and the templates view, and no table');
 SELECT ok(has_table_privilege('pg_monitor', 'eventshop.outbox_status', 'SELECT')
           AND has_table_privilege('pg_monitor', 'eventshop.notification_status', 'SELECT'),
           'pg_monitor may read the status views');
@@ -150,7 +151,7 @@ SELECT throws_ok($$SELECT eventshop._verify_password('x', '$argon2id$v=19$m=1945
                  'permission denied for function _verify_password', 'eventshop_app cannot call _verify_password');
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', 'forged', 'user.registered', '{}')$$, '42501',
                  'permission denied for function _emit_event', 'eventshop_app cannot forge events with _emit_event');
-SELECT throws_ok($$SELECT eventshop._ingest_event('g', 'auth.events', 0, 0, NULL, NULL, '{}')$$, '42501',
+SELECT throws_ok($$SELECT eventshop._ingest_event('auth.events', 0, 0, NULL, NULL, '{}')$$, '42501',
                  'permission denied for function _ingest_event', 'eventshop_app cannot call _ingest_event');
 SELECT throws_ok($$SELECT * FROM eventshop._claim_notifications(10)$$, '42501',
                  'permission denied for function _claim_notifications', 'eventshop_app cannot call _claim_notifications');

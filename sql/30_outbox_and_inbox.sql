@@ -149,10 +149,22 @@ SELECT is((SELECT count(*) FROM eventshop.users), :users_before::bigint,
 -- ---------------------------------------------------------------------------
 -- _ingest_event: a user.registered event queues the welcome e-mail, once
 -- ---------------------------------------------------------------------------
+-- The dispatcher ingests a batch message by message, then stores the batch's
+-- offsets once per partition in the same transaction; a batch of one here.
+CREATE FUNCTION pg_temp.ingest(group_id text, topic text, part integer, off bigint,
+							   event_id text, event_type text, payload text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+	v_status text := eventshop._ingest_event(topic, part, off, event_id, event_type, payload);
+BEGIN
+	PERFORM eventshop._store_consumer_offsets(group_id, ARRAY[topic], ARRAY[part], ARRAY[off + 1]);
+	RETURN v_status;
+END
+$$;
 SELECT eventshop.register('Ingest.One@Example.com', 'correct horse battery staple', 'Ingrid One') AS u1 \gset
 SELECT event_id AS u1_event, payload AS u1_payload FROM eventshop.outbox WHERE message_key = :'u1' \gset
 
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 10, NULL, NULL, :'u1_payload'), 'queued',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 10, NULL, NULL, :'u1_payload'), 'queued',
           'a user.registered event is queued');
 CREATE TEMP VIEW n1 AS SELECT * FROM eventshop.notifications WHERE event_id = :'u1_event';
 SELECT is((SELECT count(*) FROM n1), 1::bigint, 'it produced one notification');
@@ -176,9 +188,9 @@ SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
            WHERE group_id = 'regress-group' AND topic = 'auth.events' AND partition = 0), 11::bigint,
           'the stored offset is the next one to read');
 
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 11, NULL, NULL, :'u1_payload'), 'duplicate',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 11, NULL, NULL, :'u1_payload'), 'duplicate',
           'the same event delivered again is a duplicate');
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 12, :'u1_event', 'user.registered', :'u1_payload'),
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 12, :'u1_event', 'user.registered', :'u1_payload'),
           'duplicate', 'also when its id and type come from the message headers');
 SELECT is((SELECT count(*) FROM eventshop.notifications WHERE event_id = :'u1_event'), 1::bigint,
           'still exactly one notification');
@@ -187,12 +199,12 @@ SELECT is((SELECT count(*) FROM eventshop.inbox WHERE event_id = :'u1_event'), 1
 SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
            WHERE group_id = 'regress-group' AND topic = 'auth.events' AND partition = 0), 13::bigint,
           'duplicates advance the offset too');
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 5, NULL, NULL, :'u1_payload'), 'duplicate',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 5, NULL, NULL, :'u1_payload'), 'duplicate',
           'a redelivery from an older offset is a duplicate');
 SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
            WHERE group_id = 'regress-group' AND topic = 'auth.events' AND partition = 0), 13::bigint,
           'and the stored offset never goes backwards');
-SELECT is(eventshop._ingest_event('other-group', 'auth.events', 0, 3, NULL, NULL, :'u1_payload'), 'duplicate',
+SELECT is(pg_temp.ingest('other-group', 'auth.events', 0, 3, NULL, NULL, :'u1_payload'), 'duplicate',
           'the inbox is keyed by event id alone: a new consumer group does not resend old events');
 SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
            WHERE group_id = 'other-group' AND topic = 'auth.events' AND partition = 0), 4::bigint,
@@ -201,12 +213,12 @@ SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
 -- ---------------------------------------------------------------------------
 -- Events that produce nothing
 -- ---------------------------------------------------------------------------
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 1, 100, NULL, NULL,
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 1, 100, NULL, NULL,
           format('{"specversion": "1.0", "id": "00000000-0000-4000-8000-000000000001", "source": "/eventshop/auth",
-                   "type": "user.logged_in", "subject": %s, "datacontenttype": "application/json", "data": {}}',
+                   "type": "user.profile_viewed", "subject": %s, "datacontenttype": "application/json", "data": {}}',
                  to_json(:'u1'::text))),
           'ignored', 'an event type without notification rules is ignored');
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 1, 101, NULL, NULL,
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 1, 101, NULL, NULL,
           '{"specversion": "1.0", "id": "00000000-0000-4000-8000-000000000002", "source": "/eventshop/auth",
             "type": "user.registered", "subject": "00000000-0000-4000-8000-0000000000ff",
             "datacontenttype": "application/json", "data": {}}'),
@@ -217,8 +229,8 @@ SELECT is((SELECT count(*) FROM eventshop.notifications
 SELECT is((SELECT count(*) FROM eventshop.inbox
            WHERE event_id IN ('00000000-0000-4000-8000-000000000001', '00000000-0000-4000-8000-000000000002')),
           2::bigint, 'but are recorded in the inbox');
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 1, 102, NULL, NULL,
-          '{"specversion": "1.0", "id": "00000000-0000-4000-8000-000000000001", "type": "user.logged_in"}'),
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 1, 102, NULL, NULL,
+          '{"specversion": "1.0", "id": "00000000-0000-4000-8000-000000000001", "type": "user.profile_viewed"}'),
           'duplicate', 'an ignored event delivered again is a duplicate');
 SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
            WHERE group_id = 'regress-group' AND topic = 'auth.events' AND partition = 1), 103::bigint,
@@ -229,7 +241,7 @@ SELECT is((SELECT next_offset FROM eventshop.consumer_offsets
 -- skipped, so that one bad message cannot block its partition.
 -- ---------------------------------------------------------------------------
 SELECT count(*) AS inbox_before FROM eventshop.inbox \gset
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 2, 200 + v.i, v.event_id, NULL, v.payload),
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 2, 200 + v.i, v.event_id, NULL, v.payload),
           'rejected', 'rejected: ' || v.why)
 FROM (VALUES
 	(0, NULL, 'not json', 'not JSON'),
@@ -267,7 +279,7 @@ SELECT is((SELECT count(*) FROM eventshop.inbox), :inbox_before::bigint, 'reject
 CREATE FUNCTION pg_temp.try_ingest(p_offset bigint, p_payload text) RETURNS text
 LANGUAGE plpgsql AS $$
 BEGIN
-	RETURN eventshop._ingest_event('regress-group', 'auth.events', 3, p_offset, NULL, NULL, p_payload);
+	RETURN pg_temp.ingest('regress-group', 'auth.events', 3, p_offset, NULL, NULL, p_payload);
 EXCEPTION
 	WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded THEN
 		RETURN 'rejected';
@@ -315,7 +327,7 @@ SELECT is_empty($$SELECT * FROM eventshop._claim_notifications(10)$$, 'a sent no
 -- N2: temporary failures with backoff, then dead after max_attempts.
 SELECT eventshop.register('ingest.two@example.com', 'correct horse battery staple', 'Ingo Two') AS u2 \gset
 SELECT event_id AS u2_event, payload AS u2_payload FROM eventshop.outbox WHERE message_key = :'u2' \gset
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 13, NULL, NULL, :'u2_payload'), 'queued',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 13, NULL, NULL, :'u2_payload'), 'queued',
           'a second registration is queued');
 CREATE TEMP VIEW n2 AS SELECT * FROM eventshop.notifications WHERE event_id = :'u2_event';
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
@@ -362,7 +374,7 @@ SELECT is_empty($$SELECT * FROM eventshop._claim_notifications(10)$$, 'a dead no
 -- N3: a permanent failure is dead at once.
 SELECT eventshop.register('ingest.three@example.com', 'correct horse battery staple', 'Ines Three') AS u3 \gset
 SELECT event_id AS u3_event, payload AS u3_payload FROM eventshop.outbox WHERE message_key = :'u3' \gset
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 14, NULL, NULL, :'u3_payload'), 'queued',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 14, NULL, NULL, :'u3_payload'), 'queued',
           'a third registration is queued');
 CREATE TEMP VIEW n3 AS SELECT * FROM eventshop.notifications WHERE event_id = :'u3_event';
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
@@ -375,7 +387,7 @@ SELECT is((SELECT last_error FROM n3), '550 5.1.1 Mailbox unavailable', 'with th
 -- N4: a sender that died holding the lease; the row comes back when the lease ends.
 SELECT eventshop.register('ingest.four@example.com', 'correct horse battery staple', 'Iris Four') AS u4 \gset
 SELECT event_id AS u4_event, payload AS u4_payload FROM eventshop.outbox WHERE message_key = :'u4' \gset
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 15, NULL, NULL, :'u4_payload'), 'queued',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 15, NULL, NULL, :'u4_payload'), 'queued',
           'a fourth registration is queued');
 CREATE TEMP VIEW n4 AS SELECT * FROM eventshop.notifications WHERE event_id = :'u4_event';
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10, 30)$$,
@@ -394,7 +406,7 @@ SELECT is(eventshop._record_delivery((SELECT id FROM n4), true, false, '250 OK',
 -- N5, N6: batch_size limits a claim; a long response is truncated.
 SELECT eventshop.register('ingest.five@example.com', 'correct horse battery staple') AS u5 \gset
 SELECT eventshop.register('ingest.six@example.com', 'correct horse battery staple') AS u6 \gset
-SELECT is(eventshop._ingest_event('regress-group', 'auth.events', 0, 16 + i, NULL, NULL, o.payload::text), 'queued',
+SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 16 + i, NULL, NULL, o.payload::text), 'queued',
           'registration ' || i || ' of a batch is queued')
 FROM eventshop.outbox o, LATERAL (SELECT CASE o.message_key WHEN :'u5' THEN 0 ELSE 1 END AS i) AS x
 WHERE o.message_key IN (:'u5', :'u6')

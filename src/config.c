@@ -26,6 +26,7 @@ int			es_relay_checkpoint_interval_ms = 50;
 char	   *es_dispatcher_group = NULL;
 char	   *es_dispatcher_topics = NULL;
 int			es_dispatcher_batch_size = 100;
+char	   *es_app_url = NULL;
 
 char	   *es_smtp_url = NULL;
 char	   *es_smtp_from = NULL;
@@ -132,8 +133,14 @@ es_define_settings(void)
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("eventshop.dispatcher_topics",
 							   "Comma-separated topics the dispatcher consumes (before the prefix).",
-							   NULL, &es_dispatcher_topics, "auth.events",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+							   "A reload that changes the list makes the dispatcher subscribe again.",
+							   &es_dispatcher_topics,
+							   "auth.events,orders.events,payments.events,registrations.events,invites.events",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.app_url",
+							   "Base URL of the application, for the links in notifications ({{app_url}}).",
+							   NULL, &es_app_url, "http://localhost:8080",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("eventshop.dispatcher_batch_size",
 							"Maximum number of events or notifications the dispatcher handles per transaction.",
 							NULL, &es_dispatcher_batch_size, 100, 1, 10000,

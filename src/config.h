@@ -25,6 +25,7 @@ extern int	es_relay_checkpoint_interval_ms;
 extern char *es_dispatcher_group;
 extern char *es_dispatcher_topics;
 extern int	es_dispatcher_batch_size;
+extern char *es_app_url;
 
 /* Notification sending. */
 extern char *es_smtp_url;

@@ -13,13 +13,16 @@ use File::Path qw(make_path);
 use IO::Socket::INET;
 use IPC::Run;
 use JSON::PP;
+use Encode ();
+use MIME::QuotedPrint ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 
 our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp
-  eventshop_node relay_node worker_free_node key_settings read_topic maildir_messages wait_for stop_all);
+  eventshop_node relay_node worker_free_node key_settings read_topic produce maildir_messages parse_mail
+  wait_for stop_all);
 
 my @harnesses;
 
@@ -157,6 +160,44 @@ sub read_topic
 			offset => $m->{offset} };
 	}
 	return @messages;
+}
+
+# Produces messages to a topic with kcat (an independent Kafka client), each
+# { key, value, headers => { name => value } } in order; one kcat run per
+# message, so values may hold any byte but newline.
+sub produce
+{
+	my ($broker, $topic, @messages) = @_;
+	for my $m (@messages)
+	{
+		my @cmd = ('kcat', '-b', $broker->{bootstrap}, '-t', $topic, '-P', '-K', "\t", '-X', 'partitioner=murmur2_random');
+		push @cmd, '-H', "$_=$m->{headers}{$_}" for sort keys %{ $m->{headers} // {} };
+		my ($out, $err) = ('', '');
+		IPC::Run::run(\@cmd, '<', \"$m->{key}\t$m->{value}\n", '>', \$out, '2>', \$err,
+			IPC::Run::timeout(60))
+		  or die "kcat -P failed: $err";
+	}
+}
+
+# Splits a raw e-mail into { to, subject (RFC 2047 decoded), body (transfer-decoded) }.
+sub parse_mail
+{
+	my ($raw) = @_;
+	my ($head, $body) = split /\r?\n\r?\n/, $raw, 2;
+	$head =~ s/\r?\n[ \t]+/ /g;	# unfold
+	my %h;
+	for my $line (split /\r?\n/, $head)
+	{
+		$h{ lc $1 } = $2 if $line =~ /^([^:]+):\s*(.*)$/;
+	}
+	$body //= '';
+	$body = MIME::QuotedPrint::decode_qp($body)
+	  if ($h{'content-transfer-encoding'} // '') =~ /quoted-printable/i;
+	$body =~ s/\r\n/\n/g;
+	return {
+		to => $h{to} // '',
+		subject => Encode::decode('MIME-Header', $h{subject} // ''),
+		body => Encode::decode('UTF-8', $body) };
 }
 
 # Returns the raw text of every message the SMTP server delivered.
