@@ -3054,8 +3054,8 @@ COMMENT ON FUNCTION eventshop._claim_notifications(integer, integer) IS 'Interna
 
 -- Records the outcomes of one sending round in one transaction. Per
 -- notification, outcome is 'sent', 'temporary' (retried with exponential
--- backoff and jitter: base 1 s doubling per attempt, capped at max_backoff
--- seconds, times a random factor in [0.5, 1); dead once max_attempts are
+-- backoff and jitter: 2^attempts seconds, capped at max_backoff seconds,
+-- times a random factor in [0.5, 1); dead once max_attempts are
 -- used), 'permanent' (dead at once) or 'released' (claimed but never tried
 -- in this round: due again now, the claim's attempt is given back). A final
 -- status emits notification.sent or notification.failed in the same
@@ -3104,10 +3104,10 @@ BEGIN
 			next_attempt_at = CASE WHEN o.outcome = 'released' THEN clock_timestamp()
 								   WHEN o.outcome = 'temporary'
 								   THEN clock_timestamp() + make_interval(secs =>
-										least(max_backoff, 2 ^ least(greatest(n.attempts - 1, 0), 30))
+										least(max_backoff, 2 ^ least(n.attempts, 30))
 										* (0.5 + random() / 2))
 								   ELSE n.next_attempt_at END
-		FROM unnest(ids, outcomes, error_classes) AS o(id, outcome, error_class)
+		FROM unnest(ids, outcomes, responses, error_classes) AS o(id, outcome, response, error_class)
 		WHERE n.id = o.id AND n.status = 'pending'
 		RETURNING n.id, n.event_id, n.status, n.channel, n.template, n.attempts, o.error_class
 	LOOP

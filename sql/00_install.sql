@@ -104,7 +104,9 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.record_refund(uuid,text,text,bigint,text)',
                     'eventshop.verify_webhook_signature(text,text,text,integer,bigint)',
                     'eventshop.sales_by_day(date,date)',
-                    'eventshop.sales_by_category(date,date)'],
+                    'eventshop.sales_by_category(date,date)',
+                    'eventshop.dead_letters(integer)', 'eventshop.retry_dead_letter(uuid)',
+                    'eventshop.retry_dead_letters()', 'eventshop.discard_dead_letter(uuid)'],
               'the API functions, and only they, are SECURITY DEFINER');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace
@@ -131,15 +133,15 @@ SELECT has_function('eventshop', '_ingest_event',
                     'function eventshop._ingest_event exists');
 SELECT has_function('eventshop', '_claim_notifications', ARRAY['integer', 'integer'],
                     'function eventshop._claim_notifications exists');
-SELECT has_function('eventshop', '_record_delivery',
-                    ARRAY['uuid', 'boolean', 'boolean', 'text', 'integer'],
-                    'function eventshop._record_delivery exists');
+SELECT has_function('eventshop', '_record_deliveries',
+                    ARRAY['uuid[]', 'text[]', 'text[]', 'text[]', 'timestamp with time zone[]', 'integer[]', 'integer', 'integer'],
+                    'function eventshop._record_deliveries exists');
 SELECT has_function('eventshop', '_wake_worker_on_commit', ARRAY[]::name[],
                     'function eventshop._wake_worker_on_commit exists');
 SELECT has_trigger('eventshop', 'outbox', 'outbox_wake_relay',
                    'outbox inserts wake the relay at commit');
-SELECT has_trigger('eventshop', 'notifications', 'notifications_wake_dispatcher',
-                   'notification changes wake the dispatcher at commit');
+SELECT has_trigger('eventshop', 'notifications', 'notifications_wake_senders',
+                   'queued notifications wake the sender workers at commit');
 
 -- Documentation and ownership
 SELECT is_empty($$SELECT c.oid::regclass::text FROM pg_class c

@@ -95,6 +95,7 @@ sub worker_free_node
 shared_preload_libraries = 'eventshop'
 eventshop.relay_enabled = off
 eventshop.dispatcher_enabled = off
+eventshop.sender_workers = 0
 CONF
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
