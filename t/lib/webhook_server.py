@@ -60,4 +60,5 @@ class Handler(BaseHTTPRequestHandler):
 
 
 ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer.request_queue_size = 256
 ThreadingHTTPServer(('127.0.0.1', int(port)), Handler).serve_forever()
