@@ -38,16 +38,17 @@ _PG_init(void)
 	es_shared_state_init();
 
 	if (es_relay_enabled)
-		es_register_worker("eventshop relay", "eventshop_relay_main", 0);
+		es_register_worker("eventshop relay", "eventshop_relay_main", -1);
 	if (es_dispatcher_enabled)
-		es_register_worker("eventshop dispatcher", "eventshop_dispatcher_main", 0);
+		es_register_worker("eventshop dispatcher", "eventshop_dispatcher_main", -1);
 	for (int slot = 0; slot < es_sender_workers; slot++)
 		es_register_worker("eventshop sender", "eventshop_sender_main", slot);
 }
 
 /*
  * Registers one database-connected worker that the postmaster restarts on
- * failure; slot (its main_arg) tells workers of one type apart.
+ * failure. Workers of a type that runs several times get a slot (0, 1, ...)
+ * as main_arg and in their name; -1 is for single workers (slot 0).
  */
 static void
 es_register_worker(const char *type, const char *entry_point, int slot)
@@ -60,11 +61,11 @@ es_register_worker(const char *type, const char *entry_point, int slot)
 	worker.bgw_restart_time = 5;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "eventshop");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", entry_point);
-	if (slot > 0 || strcmp(entry_point, "eventshop_sender_main") == 0)
+	if (slot >= 0)
 		snprintf(worker.bgw_name, BGW_MAXLEN, "%s %d", type, slot);
 	else
 		snprintf(worker.bgw_name, BGW_MAXLEN, "%s", type);
 	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", type);
-	worker.bgw_main_arg = Int32GetDatum(slot);
+	worker.bgw_main_arg = Int32GetDatum(Max(slot, 0));
 	RegisterBackgroundWorker(&worker);
 }
