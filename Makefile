@@ -29,7 +29,12 @@ OBJS = \
 	bgworkers/relay.o \
 	bgworkers/relay_window.o \
 	bgworkers/dispatcher.o \
-	bgworkers/smtp_sender.o
+	bgworkers/smtp_sender.o \
+	bgworkers/delivery.o \
+	bgworkers/channel_secrets.o \
+	bgworkers/http_sender.o \
+	bgworkers/transfers.o \
+	bgworkers/sender.o
 
 DATA = $(wildcard extension/eventshop--*.sql) extension/eventshop_common_passwords.txt
 PGFILEDESC = "eventshop - event-driven shop backend"

@@ -28,6 +28,7 @@ bench_start_cluster() {
 		echo "shared_preload_libraries = 'eventshop'"
 		echo "eventshop.relay_enabled = off"
 		echo "eventshop.dispatcher_enabled = off"
+		echo "eventshop.sender_workers = 0"
 		printf '%s\n' "$extra_conf"
 	} >>"$BENCH_WORK/data/postgresql.conf"
 	es_as_run_user "$BENCH_BIN/pg_ctl" -D "$BENCH_WORK/data" -l "$BENCH_WORK/server.log" -w start >/dev/null

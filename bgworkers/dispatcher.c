@@ -1,7 +1,8 @@
 /*
  * dispatcher.c
  *		The dispatcher worker: consumes events from Kafka into the inbox and
- *		sends the notifications they queue, by e-mail, with retries.
+ *		queues the notifications they ask for (the sender workers, sender.c,
+ *		send them).
  *
  * Each notification is created exactly once:
  *	- The consumer's progress lives in eventshop.consumer_offsets, written
@@ -26,18 +27,11 @@
  *	  replayed one message per transaction and only the culprit is recorded
  *	  as rejected, so bad input can neither crash nor wedge the worker.
  *
- * Sending is at-least-once: due notifications are leased in a short
- * transaction, sent with no transaction open, and each outcome is recorded
- * right after its attempt; if the worker dies mid-send, the lease runs out
- * and the notification is sent again.
- *
  * librdkafka's callbacks (logs, errors, rebalances, commit results) are
  * served by rd_kafka_consumer_poll() on this thread, which is only called
  * outside transactions: the rebalance callback runs its own.
  */
 #include "postgres.h"
-
-#include <math.h>
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -56,21 +50,16 @@
 
 #include "config.h"
 #include "kafka_client.h"
-#include "smtp_sender.h"
 #include "worker_runtime.h"
 
 PGDLLEXPORT void eventshop_dispatcher_main(Datum main_arg);
 
 /* Longest sleep without a wake-up; also the pause while the extension is missing. */
 #define DISPATCHER_IDLE_TIMEOUT_MS	10000
-/* Shortest sleep: a due notification can be locked by someone else and not claimable. */
-#define DISPATCHER_MIN_TIMEOUT_MS	100
 /* Larger payloads are rejected without being parsed. */
 #define DISPATCHER_MAX_PAYLOAD		(1024 * 1024)
 /* Longer ce_id or ce_type headers get the message rejected. */
 #define DISPATCHER_MAX_HEADER		1024
-/* A claimed notification stays ours this long, then it is due again. */
-#define DISPATCHER_LEASE_SECONDS	60
 /* Longest wait for the broker when leaving the consumer group. */
 #define DISPATCHER_LEAVE_TIMEOUT_MS	2000
 /* How often the assigned partitions' watermarks are recorded, for the lag view. */
@@ -88,13 +77,6 @@ typedef struct DispatcherQuery
 	Oid			argtypes[7];
 	SPIPlanPtr	plan;
 } DispatcherQuery;
-
-/* One claimed notification, copied out of its transaction, in UTF-8. */
-typedef struct DispatcherNotification
-{
-	char	   *channel;
-	EsSmtpMessage message;		/* message.id is the notification id */
-} DispatcherNotification;
 
 static DispatcherQuery ingest_query = {
 	.sql = "SELECT eventshop._ingest_event($1, $2, $3, $4, $5, $6)",
@@ -117,22 +99,6 @@ static DispatcherQuery offset_query = {
 	.nargs = 3,
 	.argtypes = {TEXTOID, TEXTOID, INT4OID}
 };
-static DispatcherQuery claim_query = {
-	.sql = "SELECT id::text, channel, recipient, subject, body_text "
-	"FROM eventshop._claim_notifications($1, $2)",
-	.nargs = 2,
-	.argtypes = {INT4OID, INT4OID}
-};
-static DispatcherQuery record_query = {
-	.sql = "SELECT eventshop._record_delivery($1::uuid, $2, $3, $4, $5)",
-	.nargs = 5,
-	.argtypes = {TEXTOID, BOOLOID, BOOLOID, TEXTOID, INT4OID}
-};
-static DispatcherQuery next_due_query = {
-	.sql = "SELECT eventshop._seconds_until_next_notification()",
-	.nargs = 0
-};
-
 static EsKafka *dispatcher_kafka = NULL;
 static MemoryContext loop_context = NULL;	/* reset once per main-loop round */
 
@@ -184,18 +150,10 @@ static void dispatcher_apply_committed(rd_kafka_t *rk, rd_kafka_topic_partition_
 static bool dispatcher_topics_changed(void);
 static void dispatcher_record_watermarks(void);
 static Datum dispatcher_array(Datum *elems, int count, Oid elemtype);
-static bool dispatcher_send_notifications(void);
-static int	dispatcher_claim_limit(void);
-static int	dispatcher_claim(int limit, DispatcherNotification **batch);
-static char *dispatcher_copy_utf8(HeapTuple tuple, TupleDesc desc, int attnum);
-static void dispatcher_deliver(const DispatcherNotification *notification, EsSmtpResult *result);
-static char *dispatcher_record(const DispatcherNotification *notification, const EsSmtpResult *result);
-static long dispatcher_idle_timeout(void);
 
 /*
- * Worker entry point: ingest a batch from Kafka, send due notifications,
- * then sleep until Kafka has news, a commit queues a notification, the next
- * retry is due, or a signal arrives.
+ * Worker entry point: ingest a batch from Kafka,
+ * then sleep until Kafka has news or a signal arrives.
  */
 void
 eventshop_dispatcher_main(Datum main_arg)
@@ -203,7 +161,6 @@ eventshop_dispatcher_main(Datum main_arg)
 	(void) main_arg;
 	es_worker_start(ES_WORKER_DISPATCHER);
 	on_proc_exit(dispatcher_cleanup, (Datum) 0);
-	es_smtp_init();
 	loop_context = AllocSetContextCreate(TopMemoryContext, "eventshop dispatcher",
 										 ALLOCSET_DEFAULT_SIZES);
 
@@ -218,18 +175,12 @@ eventshop_dispatcher_main(Datum main_arg)
 		MemoryContextReset(loop_context);
 		MemoryContextSwitchTo(loop_context);
 		more = dispatcher_consume();
-		more = dispatcher_send_notifications() || more;
 
-		/*
-		 * Our own writes to eventshop.notifications fire its wake-up trigger
-		 * and set our latch. Forget those wake-ups, then look at interrupts
-		 * and the queue: whatever committed before this point is seen by
-		 * dispatcher_idle_timeout(), anything later sets the latch again.
-		 */
+		/* forget wake-ups that came during the round, then serve interrupts */
 		ResetLatch(MyLatch);
 		es_worker_check_interrupts();
 		if (!more)
-			es_worker_wait(dispatcher_idle_timeout(), dispatcher_kafka->wake_pipe[0]);
+			es_worker_wait(DISPATCHER_IDLE_TIMEOUT_MS, dispatcher_kafka->wake_pipe[0]);
 
 		if (dispatcher_kafka->fatal || es_kafka_settings_changed(dispatcher_kafka) ||
 			dispatcher_topics_changed())
@@ -967,158 +918,4 @@ dispatcher_log_assignment(const char *what, const rd_kafka_topic_partition_list_
 			(errmsg("eventshop dispatcher: %s %d partition(s)", what, partitions->cnt),
 			 partitions->cnt > 0 ? errdetail("%s.", detail.data) : 0));
 	pfree(detail.data);
-}
-
-/*
- * Claims due notifications, sends each with no transaction open and records
- * each outcome right away. Returns true if the claim was full, so more may
- * be due at once.
- */
-static bool
-dispatcher_send_notifications(void)
-{
-	int			limit = dispatcher_claim_limit();
-	DispatcherNotification *batch;
-	int			count = dispatcher_claim(limit, &batch);
-	int			failed = 0;
-	EsSmtpResult result;
-
-	for (int i = 0; i < count; i++)
-	{
-		char	   *status;
-
-		es_worker_check_interrupts();
-		dispatcher_deliver(&batch[i], &result);
-		status = dispatcher_record(&batch[i], &result);
-		if (strcmp(status, "dead") == 0)
-			ereport(WARNING,
-					(errmsg("eventshop dispatcher: notification %s failed for good and was dead-lettered",
-							batch[i].message.id),
-					 errdetail("%s", result.response)));
-		else if (!result.ok)
-			failed++;
-		else
-			elog(DEBUG1, "eventshop dispatcher: notification %s sent: %s",
-				 batch[i].message.id, result.response);
-	}
-	if (failed > 0)
-		ereport(LOG,
-				(errmsg("eventshop dispatcher: %d of %d notifications could not be sent and will be retried",
-						failed, count),
-				 errdetail("Last error: %s", result.response)));
-	return count == limit;
-}
-
-/*
- * How many notifications to claim at once: eventshop.dispatcher_batch_size,
- * but no more than can time out within half the lease, so that a slow SMTP
- * server neither outlasts the lease nor keeps Kafka unpolled for long.
- */
-static int
-dispatcher_claim_limit(void)
-{
-	int			by_time = (DISPATCHER_LEASE_SECONDS * 1000 / 2) / es_smtp_timeout_ms;
-
-	return Max(1, Min(es_dispatcher_batch_size, by_time));
-}
-
-/* Leases up to limit due notifications, copied into loop_context; returns how many. */
-static int
-dispatcher_claim(int limit, DispatcherNotification **batch)
-{
-	Datum		values[2] = {Int32GetDatum(limit), Int32GetDatum(DISPATCHER_LEASE_SECONDS)};
-	int			count;
-
-	es_worker_begin("eventshop dispatcher: claiming notifications");
-	dispatcher_run(&claim_query, values, NULL);
-	count = (int) SPI_processed;
-	*batch = MemoryContextAllocZero(loop_context, sizeof(DispatcherNotification) * Max(count, 1));
-	for (int i = 0; i < count; i++)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		DispatcherNotification *notification = &(*batch)[i];
-
-		notification->message.id = dispatcher_copy_utf8(tuple, desc, 1);
-		notification->channel = dispatcher_copy_utf8(tuple, desc, 2);
-		notification->message.recipient = dispatcher_copy_utf8(tuple, desc, 3);
-		notification->message.subject = dispatcher_copy_utf8(tuple, desc, 4);
-		notification->message.body = dispatcher_copy_utf8(tuple, desc, 5);
-	}
-	es_worker_commit();
-	return count;
-}
-
-/* Copies a column into loop_context as UTF-8 (conversion needs the open transaction). */
-static char *
-dispatcher_copy_utf8(HeapTuple tuple, TupleDesc desc, int attnum)
-{
-	char	   *value = SPI_getvalue(tuple, desc, attnum);
-
-	if (value == NULL)
-		return MemoryContextStrdup(loop_context, "");
-	return MemoryContextStrdup(loop_context, pg_server_to_any(value, strlen(value), PG_UTF8));
-}
-
-/* Makes one delivery attempt on the notification's channel. */
-static void
-dispatcher_deliver(const DispatcherNotification *notification, EsSmtpResult *result)
-{
-	if (strcmp(notification->channel, "email") != 0)
-	{
-		memset(result, 0, sizeof(*result));
-		result->permanent = true;
-		snprintf(result->response, sizeof(result->response), "unsupported channel");
-		return;
-	}
-	/* the last commit left us in TopMemoryContext */
-	MemoryContextSwitchTo(loop_context);
-	pgstat_report_activity(STATE_RUNNING, "eventshop dispatcher: sending e-mail");
-	es_smtp_send(&notification->message, result);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-/* Records an attempt in its own transaction; returns the new status (sent, pending, dead). */
-static char *
-dispatcher_record(const DispatcherNotification *notification, const EsSmtpResult *result)
-{
-	Datum		values[5];
-	Datum		status;
-	bool		isnull;
-	char	   *status_text;
-
-	es_worker_begin("eventshop dispatcher: recording a delivery attempt");
-	values[0] = CStringGetTextDatum(notification->message.id);
-	values[1] = BoolGetDatum(result->ok);
-	values[2] = BoolGetDatum(result->permanent);
-	values[3] = CStringGetTextDatum(result->response);
-	values[4] = Int32GetDatum(es_notification_max_attempts);
-	dispatcher_run(&record_query, values, NULL);
-	status = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	status_text = MemoryContextStrdup(loop_context, isnull ? "" : TextDatumGetCString(status));
-	es_worker_commit();
-	return status_text;
-}
-
-/*
- * Milliseconds until the next notification is due, between
- * DISPATCHER_MIN_TIMEOUT_MS and DISPATCHER_IDLE_TIMEOUT_MS. Only called when
- * the last claim was not full, so "due now" means due but not claimable
- * (locked elsewhere), and the floor keeps that from becoming a busy loop.
- */
-static long
-dispatcher_idle_timeout(void)
-{
-	double		timeout_ms = DISPATCHER_IDLE_TIMEOUT_MS;
-	Datum		seconds = (Datum) 0;
-	bool		isnull = true;
-
-	es_worker_begin("eventshop dispatcher: scheduling");
-	dispatcher_run(&next_due_query, NULL, NULL);
-	if (SPI_processed == 1)
-		seconds = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	if (!isnull)
-		timeout_ms = Min(timeout_ms, ceil(DatumGetFloat8(seconds) * 1000.0));
-	es_worker_commit();
-	return (long) Max(timeout_ms, DISPATCHER_MIN_TIMEOUT_MS);
 }

@@ -1,33 +1,32 @@
 /*
  * smtp_sender.c
- *		Sends one plain-text e-mail over SMTP with libcurl's easy interface,
- *		for the dispatcher worker.
+ *		The e-mail channel: prepares a libcurl easy handle that sends one
+ *		notification over SMTP, and judges the server's verdict.
  *
  * The RFC 5322 message is built here (Date, From, To, Subject encoded per
  * RFC 2047 when it is not plain ASCII, Message-ID from the notification id,
- * a UTF-8 text/plain body in 7bit or quoted-printable, CRLF line ends);
- * libcurl speaks SMTP, upgrades smtp:// connections with STARTTLS when the
- * server offers it, and dot-stuffs the body.
+ * a UTF-8 text/plain body in 7bit or quoted-printable, or, when the
+ * notification has an HTML part, multipart/alternative with both parts in
+ * quoted-printable, CRLF line ends); libcurl speaks SMTP, does STARTTLS as
+ * eventshop.smtp_tls says (smtps:// is implicit TLS), authenticates when
+ * eventshop.smtp_username is set (then STARTTLS is mandatory), and
+ * dot-stuffs the body. The sender's transfer engine runs many such handles
+ * at once on one libcurl multi handle, whose connection cache keeps SMTP
+ * sessions open between messages.
  *
- * libcurl runs synchronously on the worker's thread. Its callbacks only copy
- * bytes and read a signal flag; they never call into Postgres. The one easy
- * handle is created in the worker (never in the postmaster) and freed at
- * process exit; it keeps the SMTP connection open between messages. Header
- * injection is refused before anything is sent, and no result text ever
- * holds the SMTP password.
+ * The callbacks only copy bytes; they never call into Postgres. Header
+ * injection is refused before anything is sent, and no response text ever
+ * holds the SMTP password (the debug callback looks at server lines only).
  */
 #include "postgres.h"
 
 #include <time.h>
 
-#include <curl/curl.h>
-
 #include "common/base64.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
-#include "miscadmin.h"
-#include "storage/ipc.h"
 
+#include "channel_secrets.h"
 #include "config.h"
 #include "smtp_sender.h"
 
@@ -44,104 +43,173 @@
 /* Quoted-printable lines may hold 76 characters, the soft break's '=' included. */
 #define SMTP_QP_LINE			76
 
-/* Room for one server reply line in a result. */
-#define SMTP_REPLY_SIZE			160
-
-/* The message being uploaded, and what the server replied. */
-typedef struct SmtpTransfer
-{
-	const char *data;
-	size_t		length;
-	size_t		sent;
-	char		last_reply[SMTP_REPLY_SIZE];	/* last line the server sent */
-	char		error_reply[SMTP_REPLY_SIZE];	/* its first 4xx/5xx line */
-} SmtpTransfer;
-
-static CURL *smtp_curl = NULL;
-
-static void smtp_cleanup(int code, Datum arg);
 static bool smtp_valid_address(const char *address);
-static char *smtp_build_message(const EsSmtpMessage *msg);
+static char *smtp_build_message(const EsDelivery *delivery);
+static void smtp_append_part(StringInfo buf, const char *content_type, const char *body, bool force_qp);
 static void smtp_append_date(StringInfo buf);
 static void smtp_append_subject(StringInfo buf, const char *subject);
 static bool smtp_body_is_7bit(const char *body);
 static void smtp_append_body(StringInfo buf, const char *body, bool quoted_printable);
 static void smtp_append_qp_line(StringInfo buf, const char *line, size_t length);
-static void smtp_transfer(const char *message, const char *recipient, EsSmtpResult *result);
-static bool smtp_read_password(char *password, size_t size);
-static void smtp_set_result(EsSmtpResult *result, CURLcode rc, long code,
-							const char *reply, const char *errbuf);
-static void smtp_fail(EsSmtpResult *result, bool permanent, const char *reason);
 static size_t smtp_read(char *buffer, size_t size, size_t nitems, void *userdata);
 static int	smtp_debug(CURL *handle, curl_infotype type, char *data, size_t size, void *userdata);
-static int	smtp_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow,
-						  curl_off_t ultotal, curl_off_t ulnow);
 
-/* Sets up libcurl in this worker, because handles must not cross a fork. */
-void
-es_smtp_init(void)
+/*
+ * Validates the notification, builds the message and sets up the handle
+ * (freshly reset by the caller). Returns false, with the outcome set, when
+ * the notification cannot be sent as it is.
+ */
+bool
+es_smtp_prepare(EsDelivery *delivery, CURL *easy)
 {
-	CURLcode	rc;
+	const EsSecret *password = &es_secrets()->smtp_password;
+	bool		authenticate = es_smtp_username != NULL && es_smtp_username[0] != '\0';
+	char	   *rcpt_to;
 
-	if (smtp_curl != NULL)
-		return;
-	rc = curl_global_init(CURL_GLOBAL_DEFAULT);
-	if (rc != CURLE_OK)
-		ereport(ERROR,
-				(errmsg("could not initialize libcurl: %s", curl_easy_strerror(rc))));
-	smtp_curl = curl_easy_init();
-	if (smtp_curl == NULL)
-	{
-		curl_global_cleanup();
-		ereport(ERROR,
-				(errmsg("could not create a libcurl handle for SMTP")));
-	}
-	on_proc_exit(smtp_cleanup, (Datum) 0);
-}
-
-/* on_proc_exit: closes the SMTP connection and frees libcurl. */
-static void
-smtp_cleanup(int code, Datum arg)
-{
-	(void) code;
-	(void) arg;
-	if (smtp_curl == NULL)
-		return;
-	curl_easy_cleanup(smtp_curl);
-	smtp_curl = NULL;
-	curl_global_cleanup();
-}
-
-/* Validates the input, builds the message and hands it to the server. */
-void
-es_smtp_send(const EsSmtpMessage *msg, EsSmtpResult *result)
-{
-	char	   *message;
-
-	memset(result, 0, sizeof(*result));
-	if (smtp_curl == NULL)
-		elog(ERROR, "es_smtp_send called before es_smtp_init");
-
-	/* a bad sender is a configuration problem: retry once it is fixed */
+	/* a bad sender or an unreadable password is a configuration problem: retry once fixed */
 	if (!smtp_valid_address(es_smtp_from))
 	{
-		smtp_fail(result, false, "eventshop.smtp_from is not a valid e-mail address");
-		return;
+		es_delivery_set(delivery, ES_OUTCOME_TEMPORARY, "configuration",
+						"eventshop.smtp_from is not a valid e-mail address");
+		return false;
 	}
-	if (!smtp_valid_address(msg->recipient))
+	if (authenticate && !password->ok)
 	{
-		smtp_fail(result, true, "invalid recipient address");
-		return;
+		es_delivery_set(delivery, ES_OUTCOME_TEMPORARY, "configuration",
+						"could not read eventshop.smtp_password_file");
+		return false;
 	}
-	if (strpbrk(msg->subject, "\r\n") != NULL)
+	if (!smtp_valid_address(delivery->recipient))
 	{
-		smtp_fail(result, true, "subject contains a line break");
-		return;
+		es_delivery_set(delivery, ES_OUTCOME_PERMANENT, "invalid_recipient", "invalid recipient address");
+		return false;
+	}
+	if (strpbrk(delivery->subject, "\r\n") != NULL)
+	{
+		es_delivery_set(delivery, ES_OUTCOME_PERMANENT, "invalid_message", "subject contains a line break");
+		return false;
 	}
 
-	message = smtp_build_message(msg);
-	smtp_transfer(message, msg->recipient, result);
-	pfree(message);
+	delivery->payload = smtp_build_message(delivery);
+	delivery->payload_length = strlen(delivery->payload);
+	rcpt_to = psprintf("<%s>", delivery->recipient);
+	delivery->list = curl_slist_append(NULL, rcpt_to);
+	pfree(rcpt_to);
+	if (delivery->list == NULL)
+	{
+		es_delivery_set(delivery, ES_OUTCOME_TEMPORARY, "resources", "out of memory in libcurl");
+		return false;
+	}
+
+	curl_easy_setopt(easy, CURLOPT_URL, es_smtp_url);
+	curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) es_smtp_timeout_ms);
+	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) es_smtp_timeout_ms);
+	es_delivery_set_tls(easy);
+	if (strncmp(es_smtp_url, "smtp://", 7) == 0)
+	{
+		/* credentials never travel in clear: STARTTLS becomes mandatory */
+		long		use_ssl = CURLUSESSL_NONE;
+
+		if (authenticate || es_smtp_tls == ES_SMTP_TLS_REQUIRED)
+			use_ssl = CURLUSESSL_ALL;
+		else if (es_smtp_tls == ES_SMTP_TLS_OPPORTUNISTIC)
+			use_ssl = CURLUSESSL_TRY;
+		curl_easy_setopt(easy, CURLOPT_USE_SSL, use_ssl);
+	}
+	if (authenticate)
+	{
+		curl_easy_setopt(easy, CURLOPT_USERNAME, es_smtp_username);
+		/* libcurl copies the string */
+		curl_easy_setopt(easy, CURLOPT_PASSWORD, password->value);
+	}
+	curl_easy_setopt(easy, CURLOPT_MAIL_FROM, psprintf("<%s>", es_smtp_from));
+	curl_easy_setopt(easy, CURLOPT_MAIL_RCPT, delivery->list);
+	curl_easy_setopt(easy, CURLOPT_UPLOAD, 1L);
+	curl_easy_setopt(easy, CURLOPT_INFILESIZE_LARGE, (curl_off_t) delivery->payload_length);
+	curl_easy_setopt(easy, CURLOPT_READFUNCTION, smtp_read);
+	curl_easy_setopt(easy, CURLOPT_READDATA, delivery);
+	/* the debug callback only looks at server replies: to keep the last one */
+	curl_easy_setopt(easy, CURLOPT_VERBOSE, 1L);
+	curl_easy_setopt(easy, CURLOPT_DEBUGFUNCTION, smtp_debug);
+	curl_easy_setopt(easy, CURLOPT_DEBUGDATA, delivery);
+	return true;
+}
+
+/*
+ * Judges a finished transfer: accepted is sent; a 5xx reply is permanent,
+ * except authentication failures (an administrator can fix those); 4xx
+ * replies, timeouts and connection errors are temporary. A failure quotes
+ * the refusal, not the QUIT reply or a 334 challenge.
+ */
+void
+es_smtp_complete(EsDelivery *delivery, CURL *easy, CURLcode rc)
+{
+	long		code = 0;
+	bool		auth_problem;
+
+	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &code);
+	if (rc == CURLE_OK)
+	{
+		es_delivery_set(delivery, ES_OUTCOME_SENT, NULL, "%s",
+						delivery->last_reply[0] ? delivery->last_reply : "250 accepted");
+		return;
+	}
+	auth_problem = rc == CURLE_LOGIN_DENIED || code == 530 || code == 534 || code == 535 || code == 538;
+	if (code >= 400 && code <= 599 && delivery->error_reply[0] != '\0')
+		es_delivery_set(delivery,
+						code >= 500 && !auth_problem ? ES_OUTCOME_PERMANENT : ES_OUTCOME_TEMPORARY,
+						auth_problem ? "auth" : code >= 500 ? "smtp_5xx" : "smtp_4xx",
+						"%s (curl: %s)", delivery->error_reply,
+						delivery->errbuf[0] ? delivery->errbuf : curl_easy_strerror(rc));
+	else
+		es_delivery_set_curl_error(delivery, rc);
+}
+
+/*
+ * Builds the complete RFC 5322 message with CRLF line ends: a single
+ * text/plain part, or multipart/alternative (text, then HTML) when the
+ * notification has an HTML part. Parts of a multipart message are always
+ * quoted-printable, so the boundary (which contains "=_") cannot occur in
+ * them.
+ */
+static char *
+smtp_build_message(const EsDelivery *delivery)
+{
+	StringInfoData buf;
+	const char *domain = strrchr(es_smtp_from, '@') + 1;
+
+	initStringInfo(&buf);
+	smtp_append_date(&buf);
+	appendStringInfo(&buf, "From: %s\r\n", es_smtp_from);
+	appendStringInfo(&buf, "To: %s\r\n", delivery->recipient);
+	smtp_append_subject(&buf, delivery->subject);
+	appendStringInfo(&buf, "Message-ID: <%s@%s>\r\n", delivery->id, domain);
+	appendStringInfoString(&buf, "MIME-Version: 1.0\r\nAuto-Submitted: auto-generated\r\n");
+	if (delivery->body_html == NULL)
+	{
+		smtp_append_part(&buf, "text/plain", delivery->body_text, false);
+		return buf.data;
+	}
+	appendStringInfo(&buf, "Content-Type: multipart/alternative; boundary=\"=_%s\"\r\n\r\n", delivery->id);
+	appendStringInfo(&buf, "--=_%s\r\n", delivery->id);
+	smtp_append_part(&buf, "text/plain", delivery->body_text, true);
+	appendStringInfo(&buf, "--=_%s\r\n", delivery->id);
+	smtp_append_part(&buf, "text/html", delivery->body_html, true);
+	appendStringInfo(&buf, "--=_%s--\r\n", delivery->id);
+	return buf.data;
+}
+
+/* Appends one part's headers, a blank line and its body in 7bit or quoted-printable. */
+static void
+smtp_append_part(StringInfo buf, const char *content_type, const char *body, bool force_qp)
+{
+	bool		quoted_printable = force_qp || !smtp_body_is_7bit(body);
+
+	appendStringInfo(buf, "Content-Type: %s; charset=UTF-8\r\n", content_type);
+	appendStringInfo(buf, "Content-Transfer-Encoding: %s\r\n\r\n",
+					 quoted_printable ? "quoted-printable" : "7bit");
+	smtp_append_body(buf, body, quoted_printable);
 }
 
 /*
@@ -160,29 +228,6 @@ smtp_valid_address(const char *address)
 			return false;
 	at = strrchr(address, '@');
 	return at != NULL && at != address && at[1] != '\0';
-}
-
-/* Builds the complete RFC 5322 message, headers and body, with CRLF line ends. */
-static char *
-smtp_build_message(const EsSmtpMessage *msg)
-{
-	StringInfoData buf;
-	bool		quoted_printable = !smtp_body_is_7bit(msg->body);
-
-	initStringInfo(&buf);
-	smtp_append_date(&buf);
-	appendStringInfo(&buf, "From: %s\r\n", es_smtp_from);
-	appendStringInfo(&buf, "To: %s\r\n", msg->recipient);
-	smtp_append_subject(&buf, msg->subject);
-	appendStringInfo(&buf, "Message-ID: <%s@%s>\r\n", msg->id, strrchr(es_smtp_from, '@') + 1);
-	appendStringInfoString(&buf,
-						   "MIME-Version: 1.0\r\n"
-						   "Content-Type: text/plain; charset=UTF-8\r\n");
-	appendStringInfo(&buf, "Content-Transfer-Encoding: %s\r\n",
-					 quoted_printable ? "quoted-printable" : "7bit");
-	appendStringInfoString(&buf, "Auto-Submitted: auto-generated\r\n\r\n");
-	smtp_append_body(&buf, msg->body, quoted_printable);
-	return buf.data;
 }
 
 /* Appends the Date header in RFC 5322 form, in UTC and locale-independent. */
@@ -315,155 +360,17 @@ smtp_append_qp_line(StringInfo buf, const char *line, size_t length)
 	}
 }
 
-/*
- * Reads the SMTP password from eventshop.smtp_password_file (first line);
- * an empty setting means no password. False if the file cannot be read.
- */
-static bool
-smtp_read_password(char *password, size_t size)
-{
-	FILE	   *file;
-	bool		ok;
-
-	password[0] = '\0';
-	if (es_smtp_password_file == NULL || es_smtp_password_file[0] == '\0')
-		return true;
-	file = fopen(es_smtp_password_file, "r");
-	if (file == NULL)
-		return false;
-	ok = fgets(password, (int) size, file) != NULL || feof(file);
-	fclose(file);
-	password[strcspn(password, "\r\n")] = '\0';
-	return ok;
-}
-
-/*
- * Runs one SMTP transaction for the message on the worker's handle. The
- * recipient list is the only libcurl allocation, and it is freed before
- * anything here could raise an ERROR.
- */
-static void
-smtp_transfer(const char *message, const char *recipient, EsSmtpResult *result)
-{
-	SmtpTransfer transfer = {.data = message, .length = strlen(message)};
-	char		errbuf[CURL_ERROR_SIZE] = "";
-	char	   *mail_from = psprintf("<%s>", es_smtp_from);
-	char	   *rcpt_to = psprintf("<%s>", recipient);
-	struct curl_slist *recipients;
-	CURLcode	rc;
-	long		code = 0;
-	char		password[256] = "";
-
-	if (!smtp_read_password(password, sizeof(password)))
-	{
-		smtp_fail(result, false, "could not read eventshop.smtp_password_file");
-		pfree(mail_from);
-		pfree(rcpt_to);
-		return;
-	}
-	curl_easy_reset(smtp_curl);
-	recipients = curl_slist_append(NULL, rcpt_to);
-	if (recipients == NULL)
-	{
-		smtp_fail(result, false, "out of memory in libcurl");
-		pfree(mail_from);
-		pfree(rcpt_to);
-		return;
-	}
-	curl_easy_setopt(smtp_curl, CURLOPT_URL, es_smtp_url);
-	curl_easy_setopt(smtp_curl, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
-	curl_easy_setopt(smtp_curl, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(smtp_curl, CURLOPT_TIMEOUT_MS, (long) es_smtp_timeout_ms);
-	curl_easy_setopt(smtp_curl, CURLOPT_CONNECTTIMEOUT_MS, (long) es_smtp_timeout_ms);
-	if (es_smtp_username != NULL && es_smtp_username[0] != '\0')
-	{
-		/* credentials never travel in clear: STARTTLS becomes mandatory */
-		curl_easy_setopt(smtp_curl, CURLOPT_USE_SSL, (long) CURLUSESSL_ALL);
-		curl_easy_setopt(smtp_curl, CURLOPT_USERNAME, es_smtp_username);
-		curl_easy_setopt(smtp_curl, CURLOPT_PASSWORD, password);
-	}
-	else if (strncmp(es_smtp_url, "smtp://", 7) == 0)
-		curl_easy_setopt(smtp_curl, CURLOPT_USE_SSL, (long) CURLUSESSL_TRY);
-	curl_easy_setopt(smtp_curl, CURLOPT_MAIL_FROM, mail_from);
-	curl_easy_setopt(smtp_curl, CURLOPT_MAIL_RCPT, recipients);
-	curl_easy_setopt(smtp_curl, CURLOPT_UPLOAD, 1L);
-	curl_easy_setopt(smtp_curl, CURLOPT_READFUNCTION, smtp_read);
-	curl_easy_setopt(smtp_curl, CURLOPT_READDATA, &transfer);
-	curl_easy_setopt(smtp_curl, CURLOPT_ERRORBUFFER, errbuf);
-	/* the debug callback only sees server replies: to keep the last one */
-	curl_easy_setopt(smtp_curl, CURLOPT_VERBOSE, 1L);
-	curl_easy_setopt(smtp_curl, CURLOPT_DEBUGFUNCTION, smtp_debug);
-	curl_easy_setopt(smtp_curl, CURLOPT_DEBUGDATA, &transfer);
-	curl_easy_setopt(smtp_curl, CURLOPT_NOPROGRESS, 0L);
-	curl_easy_setopt(smtp_curl, CURLOPT_XFERINFOFUNCTION, smtp_progress);
-
-	rc = curl_easy_perform(smtp_curl);
-	curl_easy_getinfo(smtp_curl, CURLINFO_RESPONSE_CODE, &code);
-	explicit_bzero(password, sizeof(password));
-
-	/*
-	 * No pointer into this frame may outlive it: the QUIT sent when the
-	 * kept-alive connection closes at exit would call the debug callback.
-	 * Resetting drops every option but keeps the connection.
-	 */
-	curl_easy_reset(smtp_curl);
-	curl_slist_free_all(recipients);
-
-	/* a failure quotes the refusal, not the QUIT reply or a 334 challenge */
-	smtp_set_result(result, rc, code,
-					rc == CURLE_OK ? transfer.last_reply : transfer.error_reply, errbuf);
-	pfree(mail_from);
-	pfree(rcpt_to);
-}
-
-/*
- * Classifies the outcome: a 5xx reply is permanent, except authentication
- * failures (a configuration problem that an administrator can fix);
- * connection errors, timeouts and 4xx replies are temporary.
- */
-static void
-smtp_set_result(EsSmtpResult *result, CURLcode rc, long code, const char *reply, const char *errbuf)
-{
-	bool		auth_problem = rc == CURLE_LOGIN_DENIED ||
-		code == 530 || code == 534 || code == 535 || code == 538;
-	const char *curl_error = errbuf[0] != '\0' ? errbuf : curl_easy_strerror(rc);
-
-	result->ok = rc == CURLE_OK;
-	result->permanent = !result->ok && code >= 500 && code <= 599 && !auth_problem;
-	if (result->ok)
-		snprintf(result->response, sizeof(result->response), "%s",
-				 reply[0] ? reply : "250 accepted");
-	else if (reply[0])
-		snprintf(result->response, sizeof(result->response), "%s (curl: %s)", reply, curl_error);
-	else
-		snprintf(result->response, sizeof(result->response), "curl: %s", curl_error);
-
-	/* one line of printable text for the attempts table and the log */
-	for (char *p = result->response; *p; p++)
-		if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
-			*p = ' ';
-}
-
-/* Reports a failure decided before (or without) talking to the server. */
-static void
-smtp_fail(EsSmtpResult *result, bool permanent, const char *reason)
-{
-	result->ok = false;
-	result->permanent = permanent;
-	snprintf(result->response, sizeof(result->response), "%s", reason);
-}
-
 /* libcurl read callback: hands out the next piece of the message. */
 static size_t
 smtp_read(char *buffer, size_t size, size_t nitems, void *userdata)
 {
-	SmtpTransfer *transfer = (SmtpTransfer *) userdata;
+	EsDelivery *delivery = (EsDelivery *) userdata;
 	size_t		room = size * nitems;
-	size_t		left = transfer->length - transfer->sent;
+	size_t		left = delivery->payload_length - delivery->payload_sent;
 	size_t		n = left < room ? left : room;
 
-	memcpy(buffer, transfer->data + transfer->sent, n);
-	transfer->sent += n;
+	memcpy(buffer, delivery->payload + delivery->payload_sent, n);
+	delivery->payload_sent += n;
 	return n;
 }
 
@@ -475,7 +382,7 @@ smtp_read(char *buffer, size_t size, size_t nitems, void *userdata)
 static int
 smtp_debug(CURL *handle, curl_infotype type, char *data, size_t size, void *userdata)
 {
-	SmtpTransfer *transfer = (SmtpTransfer *) userdata;
+	EsDelivery *delivery = (EsDelivery *) userdata;
 	size_t		end = size;
 	size_t		start;
 	size_t		n;
@@ -490,23 +397,10 @@ smtp_debug(CURL *handle, curl_infotype type, char *data, size_t size, void *user
 	start = end;
 	while (start > 0 && data[start - 1] != '\n')
 		start--;
-	n = Min(end - start, SMTP_REPLY_SIZE - 1);
-	memcpy(transfer->last_reply, data + start, n);
-	transfer->last_reply[n] = '\0';
-	if (transfer->error_reply[0] == '\0' && (data[start] == '4' || data[start] == '5'))
-		memcpy(transfer->error_reply, transfer->last_reply, n + 1);
+	n = Min(end - start, ES_REPLY_SIZE - 1);
+	memcpy(delivery->last_reply, data + start, n);
+	delivery->last_reply[n] = '\0';
+	if (delivery->error_reply[0] == '\0' && (data[start] == '4' || data[start] == '5'))
+		memcpy(delivery->error_reply, delivery->last_reply, n + 1);
 	return 0;
-}
-
-/* libcurl progress callback: aborts the transfer when the worker must exit. */
-static int
-smtp_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow,
-			  curl_off_t ultotal, curl_off_t ulnow)
-{
-	(void) userdata;
-	(void) dltotal;
-	(void) dlnow;
-	(void) ultotal;
-	(void) ulnow;
-	return ProcDiePending ? 1 : 0;
 }

@@ -34,7 +34,8 @@ es_worker_start(EsWorkerKind kind)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(es_database, NULL, 0);
-	es_register_worker_latch(kind);
+	/* workers of a kind with several members get their slot as main_arg */
+	es_register_worker_latch(kind, DatumGetInt32(MyBgworkerEntry->bgw_main_arg));
 	ereport(LOG,
 			(errmsg("%s started in database \"%s\"", MyBgworkerEntry->bgw_type, es_database)));
 }
@@ -116,4 +117,27 @@ es_worker_commit(void)
 	CommitTransactionCommand();
 	pgstat_report_stat(true);
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Prepares the query once (kept across transactions), then executes it. */
+void
+es_worker_run(EsWorkerQuery *query, Datum *values, const char *nulls)
+{
+	int			rc;
+
+	if (query->plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(query->sql, query->nargs, query->argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "%s: could not prepare \"%s\": %s", MyBgworkerEntry->bgw_type,
+				 query->sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "%s: could not keep the plan of \"%s\"", MyBgworkerEntry->bgw_type, query->sql);
+		query->plan = plan;
+	}
+	rc = SPI_execute_plan(query->plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "%s: \"%s\" failed: %s", MyBgworkerEntry->bgw_type, query->sql,
+			 SPI_result_code_string(rc));
 }

@@ -7,6 +7,8 @@
 #ifndef EVENTSHOP_WORKER_RUNTIME_H
 #define EVENTSHOP_WORKER_RUNTIME_H
 
+#include "executor/spi.h"
+
 #include "shared_state.h"
 
 /* Installs signal handlers, connects to eventshop.database and publishes the latch. */
@@ -33,5 +35,17 @@ extern void es_worker_begin(const char *activity);
 
 /* Finishes SPI and commits the transaction begun by es_worker_begin. */
 extern void es_worker_commit(void);
+
+/* A SELECT planned on first use and kept for the life of the worker. */
+typedef struct EsWorkerQuery
+{
+	const char *sql;
+	int			nargs;
+	Oid			argtypes[10];
+	SPIPlanPtr	plan;
+} EsWorkerQuery;
+
+/* Runs a kept query inside es_worker_begin/es_worker_commit; ERROR unless it returned rows as a SELECT. */
+extern void es_worker_run(EsWorkerQuery *query, Datum *values, const char *nulls);
 
 #endif							/* EVENTSHOP_WORKER_RUNTIME_H */

@@ -191,7 +191,7 @@ CREATE FUNCTION eventshop._wake_worker_on_commit()
 RETURNS trigger
 AS 'MODULE_PATHNAME', 'eventshop_wake_worker_on_commit'
 LANGUAGE C;
-COMMENT ON FUNCTION eventshop._wake_worker_on_commit() IS 'Statement trigger: wakes the worker named by the trigger argument (relay or dispatcher) when the transaction commits.';
+COMMENT ON FUNCTION eventshop._wake_worker_on_commit() IS 'Trigger: wakes the worker named by the trigger argument (relay, dispatcher or sender: every sender worker) when the transaction commits.';
 
 CREATE TRIGGER outbox_wake_relay
 	AFTER INSERT ON eventshop.outbox
@@ -3172,10 +3172,13 @@ CREATE TABLE eventshop.notification_attempts (
 	notification_id	uuid NOT NULL REFERENCES eventshop.notifications (id) ON DELETE CASCADE,
 	attempted_at	timestamptz NOT NULL DEFAULT clock_timestamp(),
 	succeeded		boolean NOT NULL,
-	response		text
+	response		text,
+	outcome			text CHECK (outcome IN ('sent', 'temporary', 'permanent')),
+	error_class		text,
+	duration_ms		integer
 );
 CREATE INDEX notification_attempts_notification_idx ON eventshop.notification_attempts (notification_id);
-COMMENT ON TABLE eventshop.notification_attempts IS 'Every delivery attempt with the server''s response.';
+COMMENT ON TABLE eventshop.notification_attempts IS 'Every delivery attempt: when it started, its outcome (sent, temporary or permanent failure), the class of error, the provider''s response and how long it took.';
 
 -- pg_dump keeps the dispatcher's progress and queue: losing the inbox or the
 -- offsets on restore would send every e-mail again.
@@ -3187,15 +3190,25 @@ SELECT pg_catalog.pg_extension_config_dump('eventshop.notifications', '');
 SELECT pg_catalog.pg_extension_config_dump('eventshop.notification_attempts', '');
 SELECT pg_catalog.pg_extension_config_dump('eventshop.notification_attempts_id_seq', '');
 
-CREATE TRIGGER notifications_wake_dispatcher
-	AFTER INSERT OR UPDATE ON eventshop.notifications
-	FOR EACH STATEMENT EXECUTE FUNCTION eventshop._wake_worker_on_commit('dispatcher');
+-- The sender workers wake when notifications are queued, and when one is put
+-- back to pending (an administrator retrying a dead letter); their own
+-- claims and retry scheduling do not wake them.
+CREATE TRIGGER notifications_wake_senders
+	AFTER INSERT ON eventshop.notifications
+	FOR EACH STATEMENT EXECUTE FUNCTION eventshop._wake_worker_on_commit('sender');
+CREATE TRIGGER notifications_requeued_wake_senders
+	AFTER UPDATE OF status ON eventshop.notifications
+	FOR EACH ROW WHEN (OLD.status <> 'pending' AND NEW.status = 'pending')
+	EXECUTE FUNCTION eventshop._wake_worker_on_commit('sender');
 
 
--- Leases up to batch_size due notifications to the caller for lease_seconds:
--- if the sender dies mid-send, the rows become due again when the lease ends.
+-- Leases up to batch_size due notifications to the calling sender worker
+-- for lease_seconds: if the sender dies mid-send, the rows become due again
+-- when the lease ends. Several senders claim concurrently: SKIP LOCKED hands
+-- each row to one of them.
 CREATE FUNCTION eventshop._claim_notifications(batch_size integer, lease_seconds integer DEFAULT 60)
-RETURNS TABLE (id uuid, channel text, recipient text, subject text, body_text text, attempts integer)
+RETURNS TABLE (id uuid, channel text, template text, recipient text, subject text, body_text text,
+			   body_html text, attempts integer)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3208,50 +3221,90 @@ AS $$
 				   ORDER BY d.next_attempt_at
 				   LIMIT batch_size
 				   FOR UPDATE SKIP LOCKED)
-	RETURNING n.id, n.channel, n.recipient, n.subject, n.body_text, n.attempts
+	RETURNING n.id, n.channel, n.template, n.recipient, n.subject, n.body_text, n.body_html, n.attempts
 $$;
-COMMENT ON FUNCTION eventshop._claim_notifications(integer, integer) IS 'Internal (dispatcher): claims due notifications for one sending round.';
+COMMENT ON FUNCTION eventshop._claim_notifications(integer, integer) IS 'Internal (sender workers): claims due notifications for one sending round.';
 
--- Records the outcome of one attempt: sent, retry later with exponential
--- backoff and jitter, or dead-letter (permanent failure or attempts used up).
-CREATE FUNCTION eventshop._record_delivery(notification_id uuid, succeeded boolean, permanent boolean,
-										   response text, max_attempts integer)
-RETURNS text
+-- Records the outcomes of one sending round in one transaction. Per
+-- notification, outcome is 'sent', 'temporary' (retried with exponential
+-- backoff and jitter: 2^attempts seconds, capped at max_backoff seconds,
+-- times a random factor in [0.5, 1); dead once max_attempts are
+-- used), 'permanent' (dead at once) or 'released' (claimed but never tried
+-- in this round: due again now, the claim's attempt is given back). A final
+-- status emits notification.sent or notification.failed in the same
+-- transaction; the event names ids and classes only, never the recipient,
+-- the message or the provider's reply. A late report never reopens a sent
+-- or dead notification. Returns each notification's new status.
+CREATE FUNCTION eventshop._record_deliveries(ids uuid[], outcomes text[], responses text[],
+											 error_classes text[], started_at timestamptz[],
+											 durations_ms integer[], max_attempts integer,
+											 max_backoff integer)
+RETURNS TABLE (id uuid, status text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v_attempts	integer;
-	v_status	text;
+	v_row record;
 BEGIN
-	INSERT INTO eventshop.notification_attempts (notification_id, succeeded, response)
-	VALUES (notification_id, succeeded, left(response, 2000));
-
-	SELECT n.attempts, n.status INTO v_attempts, v_status FROM eventshop.notifications n
-	WHERE n.id = _record_delivery.notification_id FOR UPDATE;
-	IF v_status IS DISTINCT FROM 'pending' THEN
-		RETURN v_status;		-- a late report never reopens a sent or dead notification
+	IF cardinality(ids) IS DISTINCT FROM cardinality(outcomes)
+	   OR cardinality(ids) IS DISTINCT FROM cardinality(responses)
+	   OR cardinality(ids) IS DISTINCT FROM cardinality(error_classes)
+	   OR cardinality(ids) IS DISTINCT FROM cardinality(started_at)
+	   OR cardinality(ids) IS DISTINCT FROM cardinality(durations_ms) THEN
+		RAISE EXCEPTION 'the arrays passed to _record_deliveries must have the same length'
+			USING ERRCODE = 'array_subscript_error';
 	END IF;
 
-	v_status := CASE WHEN succeeded THEN 'sent'
-					 WHEN permanent OR v_attempts >= max_attempts THEN 'dead'
-					 ELSE 'pending' END;
-	UPDATE eventshop.notifications n
-	SET status = v_status,
-		sent_at = CASE WHEN succeeded THEN clock_timestamp() END,
-		last_error = CASE WHEN succeeded THEN NULL ELSE left(response, 2000) END,
-		next_attempt_at = CASE WHEN v_status = 'pending'
-							   THEN clock_timestamp() + make_interval(secs =>
-									least(3600, 2 ^ least(v_attempts, 12)) * (0.5 + random() / 2))
-							   ELSE n.next_attempt_at END
-	WHERE n.id = _record_delivery.notification_id;
-	RETURN v_status;
+	INSERT INTO eventshop.notification_attempts (notification_id, attempted_at, succeeded, outcome,
+												 error_class, response, duration_ms)
+	SELECT a.id, a.started, a.outcome = 'sent', a.outcome, a.error_class, left(a.response, 2000), a.duration
+	FROM unnest(ids, outcomes, responses, error_classes, started_at, durations_ms)
+		 AS a(id, outcome, response, error_class, started, duration)
+	WHERE a.outcome <> 'released'
+	  AND EXISTS (SELECT 1 FROM eventshop.notifications n WHERE n.id = a.id);
+
+	FOR v_row IN
+		UPDATE eventshop.notifications n
+		SET status = CASE WHEN o.outcome = 'sent' THEN 'sent'
+						  WHEN o.outcome = 'permanent'
+							   OR (o.outcome = 'temporary' AND n.attempts >= max_attempts) THEN 'dead'
+						  ELSE 'pending' END,
+			attempts = CASE WHEN o.outcome = 'released' THEN greatest(n.attempts - 1, 0) ELSE n.attempts END,
+			sent_at = CASE WHEN o.outcome = 'sent' THEN clock_timestamp() ELSE n.sent_at END,
+			last_error = CASE WHEN o.outcome = 'sent' THEN NULL
+							  WHEN o.outcome = 'released' THEN n.last_error
+							  ELSE left(o.response, 2000) END,
+			next_attempt_at = CASE WHEN o.outcome = 'released' THEN clock_timestamp()
+								   WHEN o.outcome = 'temporary'
+								   THEN clock_timestamp() + make_interval(secs =>
+										least(max_backoff, 2 ^ least(n.attempts, 30))
+										* (0.5 + random() / 2))
+								   ELSE n.next_attempt_at END
+		FROM unnest(ids, outcomes, responses, error_classes) AS o(id, outcome, response, error_class)
+		WHERE n.id = o.id AND n.status = 'pending'
+		RETURNING n.id, n.event_id, n.status, n.channel, n.template, n.attempts, o.error_class
+	LOOP
+		IF v_row.status = 'sent' THEN
+			PERFORM eventshop._emit_event('notifications.events', v_row.id::text, 'notification.sent',
+				jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
+								   'channel', v_row.channel, 'template', v_row.template,
+								   'attempts', v_row.attempts));
+		ELSIF v_row.status = 'dead' THEN
+			PERFORM eventshop._emit_event('notifications.events', v_row.id::text, 'notification.failed',
+				jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
+								   'channel', v_row.channel, 'template', v_row.template,
+								   'attempts', v_row.attempts, 'error_class', v_row.error_class));
+		END IF;
+		id := v_row.id;
+		status := v_row.status;
+		RETURN NEXT;
+	END LOOP;
 END
 $$;
-COMMENT ON FUNCTION eventshop._record_delivery(uuid, boolean, boolean, text, integer) IS 'Internal (dispatcher): records a delivery attempt and schedules a retry or dead-letters.';
+COMMENT ON FUNCTION eventshop._record_deliveries(uuid[], text[], text[], text[], timestamptz[], integer[], integer, integer) IS 'Internal (sender workers): records a round of delivery attempts, schedules retries, dead-letters, and emits notification.sent/notification.failed for final outcomes.';
 
 -- Seconds until the next pending notification is due (NULL when none), so
--- the dispatcher sleeps exactly until then.
+-- the sender workers sleep exactly until then.
 CREATE FUNCTION eventshop._seconds_until_next_notification()
 RETURNS double precision
 LANGUAGE sql STABLE
@@ -3263,7 +3316,7 @@ AS $$
 		   END
 	FROM eventshop.notifications n WHERE n.status = 'pending'
 $$;
-COMMENT ON FUNCTION eventshop._seconds_until_next_notification() IS 'Internal (dispatcher): how long until the next pending notification is due.';
+COMMENT ON FUNCTION eventshop._seconds_until_next_notification() IS 'Internal (sender workers): how long until the next pending notification is due.';
 
 CREATE VIEW eventshop.notification_status AS
 SELECT status, channel, count(*) AS notifications,
@@ -3271,6 +3324,94 @@ SELECT status, channel, count(*) AS notifications,
 FROM eventshop.notifications
 GROUP BY status, channel;
 COMMENT ON VIEW eventshop.notification_status IS 'Notification queue depth by state and channel.';
+
+-- Dead letters: notifications that failed permanently or used up their
+-- attempts. Administrators list them, put them back in the queue (attempts
+-- reset) or discard them. The listing shows no recipient or message text.
+CREATE FUNCTION eventshop.dead_letters(max_rows integer DEFAULT 100)
+RETURNS TABLE (id uuid, event_id uuid, template text, channel text, user_id uuid, attempts integer,
+			   last_error text, created_at timestamptz, failed_at timestamptz)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF max_rows IS NULL OR max_rows < 1 THEN
+		RAISE EXCEPTION 'max_rows must be a positive number'
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	RETURN QUERY
+	SELECT n.id, n.event_id, n.template, n.channel, n.user_id, n.attempts, n.last_error, n.created_at,
+		   (SELECT max(a.attempted_at) FROM eventshop.notification_attempts a WHERE a.notification_id = n.id)
+	FROM eventshop.notifications n
+	WHERE n.status = 'dead'
+	ORDER BY n.created_at, n.id
+	LIMIT max_rows;
+END
+$$;
+COMMENT ON FUNCTION eventshop.dead_letters(integer) IS 'For administrators: the oldest max_rows dead-lettered notifications with their last error (no recipient or message text). Errors: 22023 max_rows not positive.';
+
+CREATE FUNCTION eventshop.retry_dead_letter(notification_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	UPDATE eventshop.notifications n
+	SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), last_error = NULL
+	WHERE n.id = retry_dead_letter.notification_id AND n.status = 'dead';
+	IF NOT FOUND THEN
+		IF EXISTS (SELECT 1 FROM eventshop.notifications n WHERE n.id = retry_dead_letter.notification_id) THEN
+			RAISE EXCEPTION 'notification % is not dead-lettered', notification_id
+				USING ERRCODE = 'object_not_in_prerequisite_state';
+		END IF;
+		RAISE EXCEPTION 'no notification with this id'
+			USING ERRCODE = 'no_data_found';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop.retry_dead_letter(uuid) IS 'For administrators: puts a dead-lettered notification back in the queue with its attempts reset; the sender workers send it at once. Errors: P0002 no such notification, 55000 not dead-lettered.';
+
+CREATE FUNCTION eventshop.retry_dead_letters()
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_count bigint;
+BEGIN
+	UPDATE eventshop.notifications n
+	SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), last_error = NULL
+	WHERE n.status = 'dead';
+	GET DIAGNOSTICS v_count = ROW_COUNT;
+	RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION eventshop.retry_dead_letters() IS 'For administrators: puts every dead-lettered notification back in the queue with its attempts reset; returns how many.';
+
+CREATE FUNCTION eventshop.discard_dead_letter(notification_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	DELETE FROM eventshop.notifications n
+	WHERE n.id = discard_dead_letter.notification_id AND n.status = 'dead';
+	IF NOT FOUND THEN
+		IF EXISTS (SELECT 1 FROM eventshop.notifications n WHERE n.id = discard_dead_letter.notification_id) THEN
+			RAISE EXCEPTION 'notification % is not dead-lettered', notification_id
+				USING ERRCODE = 'object_not_in_prerequisite_state';
+		END IF;
+		RAISE EXCEPTION 'no notification with this id'
+			USING ERRCODE = 'no_data_found';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION eventshop.discard_dead_letter(uuid) IS 'For administrators: deletes a dead-lettered notification and its attempts (its notification.failed event stays in the event stream). Errors: P0002 no such notification, 55000 not dead-lettered.';
 
 -- ---------------------------------------------------------------------------
 -- Dispatcher, consumer side: what consumed events produce. The worker calls
@@ -4080,6 +4221,9 @@ GRANT EXECUTE ON FUNCTION
 	eventshop.verify_webhook_signature(text, text, text, integer, bigint)
 	TO eventshop_gateway, eventshop_admin;
 GRANT EXECUTE ON FUNCTION eventshop.expire_reservations(integer) TO eventshop_admin;
+-- Notifications: dead letters are for operators only.
+GRANT EXECUTE ON FUNCTION eventshop.dead_letters(integer), eventshop.retry_dead_letter(uuid),
+	eventshop.retry_dead_letters(), eventshop.discard_dead_letter(uuid) TO eventshop_admin;
 GRANT SELECT ON eventshop.outbox_status, eventshop.notification_status TO eventshop_admin, pg_monitor;
 -- outbox_status calls these with the reader's rights; they return counters only
 GRANT EXECUTE ON FUNCTION eventshop._unpublished_events(), eventshop._relay_stats() TO eventshop_admin, pg_monitor;

@@ -119,7 +119,9 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.set_notification_rule(text,text,boolean)',
                     'eventshop.preview_notification(text,jsonb)',
                     'eventshop.audit_events(text,text,timestamp with time zone,timestamp with time zone,bigint,integer)',
-                    'eventshop.purge_event_audit(interval,integer)'],
+                    'eventshop.purge_event_audit(interval,integer)',
+                    'eventshop.dead_letters(integer)', 'eventshop.retry_dead_letter(uuid)',
+                    'eventshop.retry_dead_letters()', 'eventshop.discard_dead_letter(uuid)'],
               'the API functions, and only they, are SECURITY DEFINER');
 SELECT is_empty($$SELECT p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'eventshop'::regnamespace
@@ -146,15 +148,15 @@ SELECT has_function('eventshop', '_ingest_event',
                     'function eventshop._ingest_event exists');
 SELECT has_function('eventshop', '_claim_notifications', ARRAY['integer', 'integer'],
                     'function eventshop._claim_notifications exists');
-SELECT has_function('eventshop', '_record_delivery',
-                    ARRAY['uuid', 'boolean', 'boolean', 'text', 'integer'],
-                    'function eventshop._record_delivery exists');
+SELECT has_function('eventshop', '_record_deliveries',
+                    ARRAY['uuid[]', 'text[]', 'text[]', 'text[]', 'timestamp with time zone[]', 'integer[]', 'integer', 'integer'],
+                    'function eventshop._record_deliveries exists');
 SELECT has_function('eventshop', '_wake_worker_on_commit', ARRAY[]::name[],
                     'function eventshop._wake_worker_on_commit exists');
 SELECT has_trigger('eventshop', 'outbox', 'outbox_wake_relay',
                    'outbox inserts wake the relay at commit');
-SELECT has_trigger('eventshop', 'notifications', 'notifications_wake_dispatcher',
-                   'notification changes wake the dispatcher at commit');
+SELECT has_trigger('eventshop', 'notifications', 'notifications_wake_senders',
+                   'queued notifications wake the sender workers at commit');
 
 -- Documentation and ownership
 SELECT is_empty($$SELECT c.oid::regclass::text FROM pg_class c

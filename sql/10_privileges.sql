@@ -155,8 +155,8 @@ SELECT throws_ok($$SELECT eventshop._ingest_event('auth.events', 0, 0, NULL, NUL
                  'permission denied for function _ingest_event', 'eventshop_app cannot call _ingest_event');
 SELECT throws_ok($$SELECT * FROM eventshop._claim_notifications(10)$$, '42501',
                  'permission denied for function _claim_notifications', 'eventshop_app cannot call _claim_notifications');
-SELECT throws_ok($$SELECT eventshop._record_delivery('00000000-0000-4000-8000-000000000000', true, false, 'x', 1)$$, '42501',
-                 'permission denied for function _record_delivery', 'eventshop_app cannot call _record_delivery');
+SELECT throws_ok($$SELECT * FROM eventshop._record_deliveries('{}', '{}', '{}', '{}', '{}', '{}', 1, 1)$$, '42501',
+                 'permission denied for function _record_deliveries', 'eventshop_app cannot call _record_deliveries');
 SELECT throws_ok($$SELECT eventshop._normalize_email('a@example.com')$$, '42501',
                  'permission denied for function _normalize_email', 'eventshop_app cannot call _normalize_email');
 SELECT throws_ok($$SELECT eventshop._check_password_policy('password')$$, '42501',

@@ -300,8 +300,16 @@ SELECT is(pg_temp.try_ingest(303, '{"id": "00000000-0000-4000-8000-000000000008"
           'ignored', 'a huge subject is looked up, found nobody, and is ignored');
 
 -- ---------------------------------------------------------------------------
--- _claim_notifications and _record_delivery
+-- _claim_notifications and _record_deliveries
 -- ---------------------------------------------------------------------------
+-- One outcome through the sender workers' batch recorder; returns the new status.
+CREATE FUNCTION pg_temp.record_outcome(id uuid, outcome text, response text, max_attempts integer)
+RETURNS text LANGUAGE sql AS $$
+	SELECT r.status FROM eventshop._record_deliveries(ARRAY[id], ARRAY[outcome], ARRAY[response],
+		ARRAY[CASE WHEN outcome <> 'sent' THEN 'smtp_reply' END], ARRAY[clock_timestamp()], ARRAY[5],
+		max_attempts, 3600) r
+$$;
+
 -- N1: claimed, leased, sent.
 SELECT results_eq($$SELECT recipient, subject, channel, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.one@example.com'::text, 'Welcome to eventshop, Ingrid One'::text, 'email'::text, 1)$$,
@@ -312,7 +320,7 @@ SELECT ok((SELECT next_attempt_at > clock_timestamp() + interval '30 seconds' FR
 SELECT is((SELECT status FROM n1), 'pending', 'a leased row stays pending');
 SELECT is_empty($$SELECT * FROM eventshop._claim_notifications(10)$$,
                 'a second claim returns nothing while the lease lasts');
-SELECT is(eventshop._record_delivery((SELECT id FROM n1), true, false, '250 2.0.0 Ok: queued as 4711', 8), 'sent',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n1), 'sent', '250 2.0.0 Ok: queued as 4711', 8), 'sent',
           'a successful delivery returns sent');
 SELECT is((SELECT status FROM n1), 'sent', 'the notification is sent');
 SELECT ok((SELECT sent_at IS NOT NULL FROM n1), 'with sent_at set');
@@ -333,7 +341,7 @@ CREATE TEMP VIEW n2 AS SELECT * FROM eventshop.notifications WHERE event_id = :'
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.two@example.com'::text, 1)$$,
                   'only the new notification is claimed');
-SELECT is(eventshop._record_delivery((SELECT id FROM n2), false, false, '451 4.3.0 Try again later', 3), 'pending',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n2), 'temporary', '451 4.3.0 Try again later', 3), 'pending',
           'a temporary failure returns pending');
 SELECT is((SELECT status FROM n2), 'pending', 'the notification stays pending');
 SELECT is((SELECT last_error FROM n2), '451 4.3.0 Try again later', 'with the error recorded');
@@ -353,7 +361,7 @@ SELECT is(eventshop._seconds_until_next_notification(), 0::double precision,
           '_seconds_until_next_notification is 0 when a row is due');
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.two@example.com'::text, 2)$$, 'the due retry is claimed as attempt 2');
-SELECT is(eventshop._record_delivery((SELECT id FROM n2), false, false, '421 4.7.0 Too many connections', 3), 'pending',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n2), 'temporary', '421 4.7.0 Too many connections', 3), 'pending',
           'a second temporary failure returns pending');
 SELECT ok((SELECT n.next_attempt_at >= max(a.attempted_at) + interval '2 seconds'
            FROM n2 n JOIN eventshop.notification_attempts a ON a.notification_id = n.id GROUP BY n.next_attempt_at),
@@ -363,7 +371,7 @@ UPDATE eventshop.notifications SET next_attempt_at = clock_timestamp() - interva
 WHERE event_id = :'u2_event';
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.two@example.com'::text, 3)$$, 'the due retry is claimed as attempt 3');
-SELECT is(eventshop._record_delivery((SELECT id FROM n2), false, false, '451 4.3.0 Try again later', 3), 'dead',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n2), 'temporary', '451 4.3.0 Try again later', 3), 'dead',
           'a failure of the last allowed attempt returns dead');
 SELECT is((SELECT status FROM n2), 'dead', 'the notification is dead-lettered');
 SELECT is((SELECT attempts FROM n2), 3, 'after 3 attempts');
@@ -379,7 +387,7 @@ SELECT is(pg_temp.ingest('regress-group', 'auth.events', 0, 14, NULL, NULL, :'u3
 CREATE TEMP VIEW n3 AS SELECT * FROM eventshop.notifications WHERE event_id = :'u3_event';
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.three@example.com'::text, 1)$$, 'it is claimed');
-SELECT is(eventshop._record_delivery((SELECT id FROM n3), false, true, '550 5.1.1 Mailbox unavailable', 8), 'dead',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n3), 'permanent', '550 5.1.1 Mailbox unavailable', 8), 'dead',
           'a permanent failure returns dead on the first attempt');
 SELECT is((SELECT status FROM n3), 'dead', 'the notification is dead-lettered at once');
 SELECT is((SELECT last_error FROM n3), '550 5.1.1 Mailbox unavailable', 'with the error recorded');
@@ -400,7 +408,7 @@ WHERE event_id = :'u4_event';    -- the lease ran out without a report
 SELECT results_eq($$SELECT recipient, attempts FROM eventshop._claim_notifications(10)$$,
                   $$VALUES ('ingest.four@example.com'::text, 2)$$,
                   'an expired lease makes the row claimable again');
-SELECT is(eventshop._record_delivery((SELECT id FROM n4), true, false, '250 OK', 8), 'sent',
+SELECT is(pg_temp.record_outcome((SELECT id FROM n4), 'sent', '250 OK', 8), 'sent',
           'and the retry can succeed');
 
 -- N5, N6: batch_size limits a claim; a long response is truncated.
@@ -414,20 +422,18 @@ ORDER BY i;
 SELECT is((SELECT count(*) FROM eventshop._claim_notifications(1)), 1::bigint, 'a claim returns at most batch_size rows');
 SELECT is((SELECT count(*) FROM eventshop._claim_notifications(1)), 1::bigint, 'the next claim returns the other row');
 SELECT is((SELECT count(*) FROM eventshop._claim_notifications(1)), 0::bigint, 'and then there is nothing left');
-SELECT is((SELECT array_agg(eventshop._record_delivery(n.id, true, false, repeat('x', 5000), 8) ORDER BY n.recipient)
+SELECT is((SELECT array_agg(pg_temp.record_outcome(n.id, 'sent', repeat('x', 5000), 8) ORDER BY n.recipient)
            FROM eventshop.notifications n WHERE n.user_id IN (:'u5', :'u6')),
           ARRAY['sent', 'sent'], 'both are sent');
 SELECT is((SELECT max(length(response)) FROM eventshop.notification_attempts), 2000,
           'stored responses are cut to 2000 characters');
 
-SELECT throws_ok($$SELECT eventshop._record_delivery('00000000-0000-4000-8000-0000000000ff', true, false, '250 OK', 8)$$,
-                 '23503',
-                 'insert or update on table "notification_attempts" violates foreign key constraint "notification_attempts_notification_id_fkey"',
-                 'a report for an unknown notification is refused');
+SELECT is(pg_temp.record_outcome('00000000-0000-4000-8000-0000000000ff', 'sent', '250 OK', 8), NULL,
+          'a report for an unknown notification changes nothing');
 
 -- Totals
 SELECT is((SELECT count(*) FROM eventshop.notification_attempts), 8::bigint,
-          'every accepted _record_delivery call wrote one attempt row (1 + 3 + 1 + 1 + 2)');
+          'every reported attempt of a known notification wrote one attempt row (1 + 3 + 1 + 1 + 2)');
 SELECT results_eq($$SELECT status, channel, notifications FROM eventshop.notification_status ORDER BY status$$,
                   $$VALUES ('dead'::text, 'email'::text, 2::bigint), ('sent', 'email', 4)$$,
                   'notification_status counts notifications by state');

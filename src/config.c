@@ -35,6 +35,29 @@ char	   *es_smtp_password_file = NULL;
 int			es_smtp_timeout_ms = 10000;
 int			es_notification_max_attempts = 8;
 
+/* Sender pool and channels. */
+int			es_sender_workers = 2;
+int			es_sender_concurrency = 32;
+int			es_sender_batch_size = 500;
+int			es_notification_max_backoff_s = 3600;
+int			es_smtp_tls = ES_SMTP_TLS_OPPORTUNISTIC;
+bool		es_tls_verify = true;
+char	   *es_tls_ca_file = NULL;
+int			es_http_timeout_ms = 10000;
+char	   *es_webhook_url = NULL;
+char	   *es_webhook_secret_file = NULL;
+char	   *es_sms_url = NULL;
+char	   *es_sms_token_file = NULL;
+char	   *es_push_url = NULL;
+char	   *es_push_token_file = NULL;
+
+static const struct config_enum_entry es_smtp_tls_options[] = {
+	{"off", ES_SMTP_TLS_OFF, false},
+	{"opportunistic", ES_SMTP_TLS_OPPORTUNISTIC, false},
+	{"required", ES_SMTP_TLS_REQUIRED, false},
+	{NULL, 0, false}
+};
+
 /* Accounts: password hashing, login throttling, one-time tokens. */
 int			es_password_hash_memory_kib = 19456;
 int			es_password_hash_iterations = 2;
@@ -72,6 +95,8 @@ static const struct config_enum_entry es_jwt_alg_options[] = {
 };
 
 static bool check_smtp_url(char **newval, void **extra, GucSource source);
+static bool check_http_url(char **newval, void **extra, GucSource source);
+static void es_define_sender_settings(void);
 static bool check_kafka_properties(char **newval, void **extra, GucSource source);
 static void es_define_account_settings(void);
 static bool check_seal_public_key(char **newval, void **extra, GucSource source);
@@ -171,6 +196,8 @@ es_define_settings(void)
 							"Delivery attempts before a notification is dead-lettered.",
 							NULL, &es_notification_max_attempts, 8, 1, 100,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	es_define_sender_settings();
 
 	es_define_auth_settings();
 
@@ -305,6 +332,88 @@ es_define_auth_settings(void)
 							"How long the immediately previous refresh token may be presented again without revoking the session.",
 							NULL, &es_refresh_reuse_grace_ms, 10000, 0, 60000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+}
+
+/* Settings of the sender pool and its channels (SMTP security, HTTP providers, retries). */
+static void
+es_define_sender_settings(void)
+{
+	DefineCustomIntVariable("eventshop.sender_workers",
+							"Number of sender workers that deliver notifications.",
+							"Each claims its own due notifications (SKIP LOCKED) and sends them concurrently; 0 sends nothing.",
+							&es_sender_workers, 2, 0, 64,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.sender_concurrency",
+							"Deliveries each sender worker keeps in flight at once (libcurl multi transfers and connections).",
+							NULL, &es_sender_concurrency, 32, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.sender_batch_size",
+							"Maximum number of notifications a sender worker claims and records per round.",
+							NULL, &es_sender_batch_size, 500, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.notification_max_backoff",
+							"Longest wait between two delivery attempts of a notification.",
+							"The wait starts at 1 s and doubles per attempt up to this limit, times a random factor between 0.5 and 1.",
+							&es_notification_max_backoff_s, 3600, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomEnumVariable("eventshop.smtp_tls",
+							 "STARTTLS use on smtp:// URLs: off, opportunistic (when offered) or required.",
+							 "smtps:// URLs always use implicit TLS. With eventshop.smtp_username set, STARTTLS is required whatever this says.",
+							 &es_smtp_tls, ES_SMTP_TLS_OPPORTUNISTIC, es_smtp_tls_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("eventshop.tls_verify",
+							 "Verifies the certificate and host name of SMTP and HTTP provider servers.",
+							 NULL, &es_tls_verify, true,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.tls_ca_file",
+							   "File of CA certificates trusted for SMTP and HTTP provider servers; empty for the system's.",
+							   NULL, &es_tls_ca_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("eventshop.http_timeout",
+							"Time limit for one webhook, SMS or push delivery attempt.",
+							NULL, &es_http_timeout_ms, 10000, 100, 300000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.webhook_url",
+							   "URL that webhook notifications are POSTed to (http:// or https://); empty disables the channel.",
+							   NULL, &es_webhook_url, "",
+							   PGC_SIGHUP, 0, check_http_url, NULL, NULL);
+	DefineCustomStringVariable("eventshop.webhook_secret_file",
+							   "File holding the secret that webhook requests are signed with (HMAC-SHA256).",
+							   "Read at start and at every reload; required for the webhook channel.",
+							   &es_webhook_secret_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.sms_url",
+							   "SMS provider endpoint that SMS notifications are POSTed to as JSON; empty disables the channel.",
+							   NULL, &es_sms_url, "",
+							   PGC_SIGHUP, 0, check_http_url, NULL, NULL);
+	DefineCustomStringVariable("eventshop.sms_token_file",
+							   "File holding the bearer token for the SMS provider; empty sends no Authorization header.",
+							   NULL, &es_sms_token_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("eventshop.push_url",
+							   "Push provider endpoint that push notifications are POSTed to as JSON; empty disables the channel.",
+							   NULL, &es_push_url, "",
+							   PGC_SIGHUP, 0, check_http_url, NULL, NULL);
+	DefineCustomStringVariable("eventshop.push_token_file",
+							   "File holding the bearer token for the push provider; empty sends no Authorization header.",
+							   NULL, &es_push_token_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+}
+
+/* Accepts an empty value or an http(s) URL, so a typo fails at reload instead of at send time. */
+static bool
+check_http_url(char **newval, void **extra, GucSource source)
+{
+	(void) extra;
+	(void) source;
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (strncmp(*newval, "http://", 7) != 0 && strncmp(*newval, "https://", 8) != 0)
+	{
+		GUC_check_errdetail("The URL must start with http:// or https://.");
+		return false;
+	}
+	return true;
 }
 
 /* Returns the JOSE name of an EsJwtAlg value. */

@@ -35,6 +35,29 @@ extern char *es_smtp_password_file;
 extern int	es_smtp_timeout_ms;
 extern int	es_notification_max_attempts;
 
+/* Sender pool and channels (bgworkers/sender.c and the channel modules). */
+typedef enum EsSmtpTls
+{
+	ES_SMTP_TLS_OFF,			/* never STARTTLS (smtps:// still uses TLS) */
+	ES_SMTP_TLS_OPPORTUNISTIC,	/* STARTTLS when the server offers it */
+	ES_SMTP_TLS_REQUIRED		/* STARTTLS or fail */
+} EsSmtpTls;
+
+extern int	es_sender_workers;
+extern int	es_sender_concurrency;
+extern int	es_sender_batch_size;
+extern int	es_notification_max_backoff_s;
+extern int	es_smtp_tls;
+extern bool es_tls_verify;
+extern char *es_tls_ca_file;
+extern int	es_http_timeout_ms;
+extern char *es_webhook_url;
+extern char *es_webhook_secret_file;
+extern char *es_sms_url;
+extern char *es_sms_token_file;
+extern char *es_push_url;
+extern char *es_push_token_file;
+
 /* Keys and JWT (auth module). */
 typedef enum EsJwtAlg
 {

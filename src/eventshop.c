@@ -1,7 +1,7 @@
 /*
  * eventshop.c
  *		Library entry point: defines the settings, reserves shared memory and
- *		registers the relay and dispatcher background workers.
+ *		registers the relay, dispatcher and sender background workers.
  *
  * eventshop must be listed in shared_preload_libraries: the workers and the
  * shared memory they use can only be set up by the postmaster.
@@ -19,7 +19,7 @@ PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
-static void es_register_worker(const char *type, const char *entry_point);
+static void es_register_worker(const char *type, const char *entry_point, int slot);
 
 /* Sets up settings, shared memory and workers when the postmaster loads us. */
 void
@@ -38,14 +38,20 @@ _PG_init(void)
 	es_shared_state_init();
 
 	if (es_relay_enabled)
-		es_register_worker("eventshop relay", "eventshop_relay_main");
+		es_register_worker("eventshop relay", "eventshop_relay_main", -1);
 	if (es_dispatcher_enabled)
-		es_register_worker("eventshop dispatcher", "eventshop_dispatcher_main");
+		es_register_worker("eventshop dispatcher", "eventshop_dispatcher_main", -1);
+	for (int slot = 0; slot < es_sender_workers; slot++)
+		es_register_worker("eventshop sender", "eventshop_sender_main", slot);
 }
 
-/* Registers one database-connected worker that the postmaster restarts on failure. */
+/*
+ * Registers one database-connected worker that the postmaster restarts on
+ * failure. Workers of a type that runs several times get a slot (0, 1, ...)
+ * as main_arg and in their name; -1 is for single workers (slot 0).
+ */
 static void
-es_register_worker(const char *type, const char *entry_point)
+es_register_worker(const char *type, const char *entry_point, int slot)
 {
 	BackgroundWorker worker;
 
@@ -55,7 +61,11 @@ es_register_worker(const char *type, const char *entry_point)
 	worker.bgw_restart_time = 5;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "eventshop");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", entry_point);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "%s", type);
+	if (slot >= 0)
+		snprintf(worker.bgw_name, BGW_MAXLEN, "%s %d", type, slot);
+	else
+		snprintf(worker.bgw_name, BGW_MAXLEN, "%s", type);
 	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", type);
+	worker.bgw_main_arg = Int32GetDatum(Max(slot, 0));
 	RegisterBackgroundWorker(&worker);
 }

@@ -20,7 +20,7 @@ static bool callback_registered = false;
 
 static void es_wake_at_commit(XactEvent event, void *arg);
 
-/* Trigger: marks the named worker ('relay' or 'dispatcher') to be woken at commit. */
+/* Trigger: marks the named worker ('relay', 'dispatcher' or 'sender': all senders) to be woken at commit. */
 Datum
 eventshop_wake_worker_on_commit(PG_FUNCTION_ARGS)
 {
@@ -34,18 +34,20 @@ eventshop_wake_worker_on_commit(PG_FUNCTION_ARGS)
 	if (trigdata->tg_trigger->tgnargs != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("eventshop._wake_worker_on_commit() needs one argument: relay or dispatcher")));
+				 errmsg("eventshop._wake_worker_on_commit() needs one argument: relay, dispatcher or sender")));
 
 	name = trigdata->tg_trigger->tgargs[0];
 	if (strcmp(name, "relay") == 0)
 		pending_wake[ES_WORKER_RELAY] = true;
 	else if (strcmp(name, "dispatcher") == 0)
 		pending_wake[ES_WORKER_DISPATCHER] = true;
+	else if (strcmp(name, "sender") == 0)
+		pending_wake[ES_WORKER_SENDER] = true;
 	else
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unknown eventshop worker \"%s\"", name),
-				 errhint("Use relay or dispatcher.")));
+				 errhint("Use relay, dispatcher or sender.")));
 
 	if (!callback_registered)
 	{

@@ -20,8 +20,8 @@
 
 typedef struct EsSharedState
 {
-	slock_t		mutex;			/* protects worker_latch[] */
-	Latch	   *worker_latch[ES_WORKER_COUNT];
+	slock_t		mutex;			/* protects worker_latch[][] */
+	Latch	   *worker_latch[ES_WORKER_COUNT][ES_MAX_WORKER_SLOTS];
 } EsSharedState;
 
 static EsSharedState *es_state = NULL;
@@ -68,8 +68,7 @@ es_shmem_startup(void)
 	if (!found)
 	{
 		SpinLockInit(&es_state->mutex);
-		for (int i = 0; i < ES_WORKER_COUNT; i++)
-			es_state->worker_latch[i] = NULL;
+		memset(es_state->worker_latch, 0, sizeof(es_state->worker_latch));
 	}
 	es_password_hash_shmem_startup();
 	es_login_throttle_shmem_startup();
@@ -77,44 +76,54 @@ es_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* Publishes this process's latch as the one to set for work of this kind. */
+/* Publishes this process's latch as the one to set for work of this kind and slot. */
 void
-es_register_worker_latch(EsWorkerKind kind)
+es_register_worker_latch(EsWorkerKind kind, int slot)
 {
 	Assert(kind >= 0 && kind < ES_WORKER_COUNT);
 	if (es_state == NULL)
 		elog(ERROR, "eventshop shared state is not initialized");
+	if (slot < 0 || slot >= ES_MAX_WORKER_SLOTS)
+		elog(ERROR, "eventshop worker slot %d is out of range", slot);
 
 	SpinLockAcquire(&es_state->mutex);
-	es_state->worker_latch[kind] = MyLatch;
+	es_state->worker_latch[kind][slot] = MyLatch;
 	SpinLockRelease(&es_state->mutex);
-	on_shmem_exit(es_unregister_worker_latch, Int32GetDatum(kind));
+	on_shmem_exit(es_unregister_worker_latch, Int32GetDatum(kind * ES_MAX_WORKER_SLOTS + slot));
 }
 
 /* Withdraws the latch on exit, so nobody sets a latch of a dead process. */
 static void
 es_unregister_worker_latch(int code, Datum arg)
 {
-	EsWorkerKind kind = (EsWorkerKind) DatumGetInt32(arg);
+	int			kind = DatumGetInt32(arg) / ES_MAX_WORKER_SLOTS;
+	int			slot = DatumGetInt32(arg) % ES_MAX_WORKER_SLOTS;
 
 	(void) code;
 	SpinLockAcquire(&es_state->mutex);
-	if (es_state->worker_latch[kind] == MyLatch)
-		es_state->worker_latch[kind] = NULL;
+	if (es_state->worker_latch[kind][slot] == MyLatch)
+		es_state->worker_latch[kind][slot] = NULL;
 	SpinLockRelease(&es_state->mutex);
 }
 
-/* Sets the worker's latch if that worker is running. */
+/*
+ * Sets the latches of the running workers of a kind. Latches are set after
+ * the spinlock is released (SetLatch may make a system call); a latch of a
+ * worker that exits meanwhile stays valid memory in its PGPROC.
+ */
 void
 es_wake_worker(EsWorkerKind kind)
 {
-	Latch	   *latch;
+	Latch	   *latches[ES_MAX_WORKER_SLOTS];
+	int			count = 0;
 
 	if (es_state == NULL)
 		return;
 	SpinLockAcquire(&es_state->mutex);
-	latch = es_state->worker_latch[kind];
+	for (int slot = 0; slot < ES_MAX_WORKER_SLOTS; slot++)
+		if (es_state->worker_latch[kind][slot] != NULL)
+			latches[count++] = es_state->worker_latch[kind][slot];
 	SpinLockRelease(&es_state->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+	for (int i = 0; i < count; i++)
+		SetLatch(latches[i]);
 }

@@ -60,6 +60,10 @@ like($mails[0], qr/^Subject: Welcome to eventshop, Alice/mi, 'welcome subject');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM eventshop.inbox'), '1', 'event recorded once in the inbox');
 
 # Broker outage: three registrations while it is down, all delivered after.
+# (First let the notification.sent event of the welcome mail go out, so
+# the backlog below holds just the three registrations.)
+$node->poll_query_until('postgres', 'SELECT backlog = 0 FROM eventshop.outbox_status')
+  or die 'the welcome mail\'s outcome event was not published';
 broker_down($broker);
 my @outage_users;
 for my $i (1 .. 3)

@@ -1,5 +1,7 @@
 # EventshopTest.pm: what the TAP tests share: a dev Kafka broker, a real
-# SMTP server (aiosmtpd) writing a Maildir, a cluster with eventshop
+# SMTP server (aiosmtpd) writing a Maildir (which can be told to refuse mail,
+# stopped and restarted), an HTTP endpoint for the webhook, SMS and push
+# channels (python3 http.server), a cluster with eventshop
 # preloaded, and independent readers of Kafka (kcat) and of received mail.
 # Everything started here listens on 127.0.0.1 and is stopped by stop_all()
 # or, at the latest, when the test exits.
@@ -20,7 +22,8 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 
-our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp
+our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp smtp_stop smtp_restart smtp_reply
+  start_http_endpoint http_status http_requests write_file
   eventshop_node relay_node worker_free_node key_settings read_topic produce maildir_messages parse_mail
   wait_for stop_all);
 
@@ -49,23 +52,119 @@ sub broker_down { my ($broker) = @_; kill 'USR1', $broker->{pid}; }
 # Brings the dev cluster's brokers back.
 sub broker_up { my ($broker) = @_; kill 'USR2', $broker->{pid}; }
 
-# Starts aiosmtpd with a Maildir; returns { harness, port, maildir }.
+# Starts aiosmtpd with a Maildir; returns { harness, port, maildir }. The
+# server stores every message unless smtp_reply() told it to refuse;
+# smtp_stop() and smtp_restart() simulate an outage on the same port.
 sub start_smtp
 {
 	my $dir = PostgreSQL::Test::Utils::tempdir();
-	my $port = PostgreSQL::Test::Cluster::get_free_port();
+	my $smtp = { port => PostgreSQL::Test::Cluster::get_free_port(), maildir => "$dir/maildir" };
+	smtp_restart($smtp);
+	return $smtp;
+}
+
+# (Re)starts the SMTP server of a start_smtp() result on its port and Maildir.
+sub smtp_restart
+{
+	my ($smtp) = @_;
 	my ($out, $err) = ('', '');
+	local $ENV{PYTHONPATH} = "$ENV{TESTDIR}/t/lib";
 	my $h = IPC::Run::start(
 		[
-			'/usr/bin/python3', '-m', 'aiosmtpd', '-n', '-l', "127.0.0.1:$port",
-			'-c', 'aiosmtpd.handlers.Mailbox', "$dir/maildir"
+			'/usr/bin/python3', '-m', 'aiosmtpd', '-n', '-l', "127.0.0.1:$smtp->{port}",
+			'-c', 'controlled_mailbox.ControlledMailbox', $smtp->{maildir}
 		],
 		'>', \$out, '2>', \$err);
 	push @harnesses, $h;
+	$smtp->{harness} = $h;
 	wait_for(
-		sub { IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port) },
+		sub { IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $smtp->{port}) },
 		'SMTP server accepts connections');
-	return { harness => $h, port => $port, maildir => "$dir/maildir" };
+	return $smtp;
+}
+
+# Stops the SMTP server: connections are refused until smtp_restart().
+sub smtp_stop
+{
+	my ($smtp) = @_;
+	my $h = delete $smtp->{harness};
+	eval { $h->signal('TERM'); $h->finish; 1 } or eval { $h->kill_kill };
+	@harnesses = grep { $_ != $h } @harnesses;
+	wait_for(
+		sub { !IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $smtp->{port}) },
+		'SMTP server refuses connections');
+}
+
+# Makes the SMTP server answer DATA with $reply (e.g. "550 5.7.1 Refused");
+# undef or '' makes it accept mail again.
+sub smtp_reply
+{
+	my ($smtp, $reply) = @_;
+	my $control = "$smtp->{maildir}.reply";
+	if (defined $reply && $reply ne '')
+	{
+		open my $fh, '>', $control or die "could not write $control: $!";
+		print $fh "$reply\n";
+		close $fh;
+	}
+	else
+	{
+		unlink $control;
+	}
+}
+
+# Starts the HTTP endpoint for the webhook, SMS and push channels
+# (t/lib/webhook_server.py); returns { harness, port, url, secret_file,
+# log_file, status_file }. http_status() sets the status it answers with,
+# http_requests() returns what it received.
+sub start_http_endpoint
+{
+	my ($secret) = @_;
+	my $dir = PostgreSQL::Test::Utils::tempdir();
+	my $port = PostgreSQL::Test::Cluster::get_free_port();
+	my $http = {
+		port => $port,
+		url => "http://127.0.0.1:$port",
+		secret_file => "$dir/webhook_secret",
+		log_file => "$dir/requests.jsonl",
+		status_file => "$dir/status" };
+	write_file($http->{secret_file}, "$secret\n");
+	my ($out, $err) = ('', '');
+	my $h = IPC::Run::start(
+		[
+			'/usr/bin/python3', "$ENV{TESTDIR}/t/lib/webhook_server.py", $port,
+			$http->{secret_file}, $http->{log_file}, $http->{status_file}
+		],
+		'>', \$out, '2>', \$err);
+	push @harnesses, $h;
+	$http->{harness} = $h;
+	wait_for(sub { IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port) },
+		'HTTP endpoint accepts connections');
+	return $http;
+}
+
+# Makes the HTTP endpoint answer with $status from now on.
+sub http_status
+{
+	my ($http, $status) = @_;
+	write_file($http->{status_file}, "$status\n");
+}
+
+# Every request the HTTP endpoint received, oldest first, as hashes.
+sub http_requests
+{
+	my ($http) = @_;
+	return () unless -e $http->{log_file};
+	return map { decode_json($_) } grep { /^\{/ } split /\n/, slurp_file($http->{log_file});
+}
+
+# Writes $content to $path, replacing it.
+sub write_file
+{
+	my ($path, $content) = @_;
+	open my $fh, '>', $path or die "could not write $path: $!";
+	print $fh $content;
+	close $fh;
 }
 
 # Creates and starts a cluster with eventshop preloaded and pointed at broker and SMTP server.
@@ -116,6 +215,7 @@ sub worker_free_node
 shared_preload_libraries = 'eventshop'
 eventshop.relay_enabled = off
 eventshop.dispatcher_enabled = off
+eventshop.sender_workers = 0
 CONF
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION eventshop');
