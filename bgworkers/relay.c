@@ -244,6 +244,7 @@ relay_open_producer(void)
 	char		queue_limit[32];
 	static const char *const defaults[] = {
 		"linger.ms", "1",
+		"socket.nagle.disable", "true",
 		"batch.num.messages", "10000",
 		"queue.buffering.max.kbytes", "1048576",
 		NULL

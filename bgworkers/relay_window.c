@@ -147,12 +147,20 @@ relay_take_snapshot(RelayWindow *window)
 	int64		id_limit;
 	uint64		next_xid;
 
-	if (SPI_execute("SELECT pg_sequence_last_value('eventshop.outbox_id_seq'::regclass)", false, 0) != SPI_OK_SELECT)
+	static SPIPlanPtr position_plan = NULL;
+	static SPIPlanPtr snapshot_plan = NULL;
+
+	if (position_plan == NULL)
+		position_plan = relay_prepare("SELECT pg_sequence_last_value('eventshop.outbox_id_seq'::regclass)", 0, NULL);
+	if (snapshot_plan == NULL)
+		snapshot_plan = relay_prepare("SELECT s::text, pg_sequence_last_value('eventshop.outbox_id_seq'::regclass) "
+									  "FROM pg_current_snapshot() AS s", 0, NULL);
+
+	if (SPI_execute_plan(position_plan, NULL, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventshop relay: reading the outbox id sequence failed");
 	id_bound = relay_int64_result(0, 1, 0);
-	/* A new statement: its snapshot is taken after the read above. */
-	if (SPI_execute("SELECT s::text, pg_sequence_last_value('eventshop.outbox_id_seq'::regclass) "
-					"FROM pg_current_snapshot() AS s", false, 0) != SPI_OK_SELECT)
+	/* A new statement (not read-only): its snapshot is taken after the read above. */
+	if (SPI_execute_plan(snapshot_plan, NULL, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventshop relay: taking a snapshot failed");
 	snapshot = relay_text_result(0, 1);
 	id_limit = relay_int64_result(0, 2, 0);
@@ -222,20 +230,23 @@ static void
 relay_locate_pending_rows(RelayWindow *window)
 {
 	static SPIPlanPtr plan = NULL;
-	Datum		values[3];
+	Datum		values[4];
 
 	if (plan == NULL)
 	{
-		Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
+		Oid			types[4] = {TEXTOID, INT8OID, INT8OID, TEXTOID};
 
+		/* only transactions that have committed since: a long one still running costs nothing */
 		plan = relay_prepare("SELECT min(f.id) FROM unnest($1::xid8[]) AS p(txid), "
 							 "LATERAL (SELECT o.id FROM eventshop.outbox o WHERE o.txid = p.txid "
-							 "AND o.id > $2 AND o.id <= $3 ORDER BY o.id LIMIT 1) AS f",
-							 3, types);
+							 "AND o.id > $2 AND o.id <= $3 ORDER BY o.id LIMIT 1) AS f "
+							 "WHERE pg_visible_in_snapshot(p.txid, $4::pg_snapshot)",
+							 4, types);
 	}
 	values[0] = CStringGetTextDatum(window->prev.pending);
 	values[1] = Int64GetDatum(window->read_id);
 	values[2] = Int64GetDatum(window->prev.id_bound);
+	values[3] = CStringGetTextDatum(window->cur.snapshot);
 	relay_planner_walks_indexes(false);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventshop relay: locating rows of late transactions failed");
@@ -361,6 +372,8 @@ relay_window_close(RelayWindow *window)
 		below = Max(below, window->cur.id_bound);
 	else if (window->cur.xmin >= prev.next_xid)
 		below = Max(below, prev.id_bound);
+	/* an empty window changes nothing worth storing (unless the purge horizon moved) */
+	window->dirty = window->dirty || window->rows_read > 0 || below != window->published_below;
 	window->published_below = below;
 
 	/* keep only cur's strings: copy them out, reset the context, copy back */
@@ -380,7 +393,6 @@ relay_window_close(RelayWindow *window)
 	window->read_id = 0;
 	window->acked_id = 0;
 	window->all_read = false;
-	window->dirty = true;
 }
 
 void

@@ -93,6 +93,8 @@ like($mail{ $expected{invite} }{body},
 	qr{https://shop\.example/invites/accept\?token=invite-token-0123456789abcdefghijklmnop},
 	'the invite carries the opened magic-link token');
 like($mail{ $expected{welcome} }{body}, qr/Hello \Q$name\E,/, 'the text part has the plain name');
+like($mail{ $expected{welcome} }{html}, qr/Hello Mallory &lt;script&gt;alert\(1\)&lt;\/script&gt; &amp; Co,/,
+	'the HTML part of the sent mail has the name escaped');
 
 my ($token) = $mail{ $expected{reset} }{body} =~ m{https://shop\.example/reset-password\?token=([A-Za-z0-9_-]+)};
 ok(defined $token && length($token) == 43, 'the reset e-mail carries the opened token');

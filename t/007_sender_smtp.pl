@@ -128,7 +128,7 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM eventshop.notification_att
 	'2', 'two attempts recorded: the refusal and the success');
 
 # Outcomes reach Kafka through the outbox, with no personal data.
-$node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM eventshop.outbox') or die 'outbox not drained';
+$node->poll_query_until('postgres', 'SELECT backlog = 0 FROM eventshop.outbox_status') or die 'outbox not drained';
 my @events = read_topic($broker, 'notifications.events');
 my %types;
 $types{ $_->{headers}{ce_type} }++ for @events;

@@ -16,6 +16,7 @@ use IO::Socket::INET;
 use IPC::Run;
 use JSON::PP;
 use Encode ();
+use MIME::Base64;
 use MIME::QuotedPrint ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -283,7 +284,32 @@ sub produce
 sub parse_mail
 {
 	my ($raw) = @_;
+	my ($h, $body) = mail_part($raw);
+	my %parts;
+	if (($h->{'content-type'} // '') =~ /multipart\/alternative;.*boundary="?([^";]+)"?/i)
+	{
+		# one part per content type: text/plain is the body, text/html the html
+		for my $part (split /\r?\n--\Q$1\E(?:--)?\r?\n/, "\n$body")
+		{
+			my ($ph, $pb) = mail_part($part);
+			$parts{ lc $1 } = $pb if ($ph->{'content-type'} // '') =~ m{^(text/\w+)}i;
+		}
+		$body = $parts{'text/plain'} // '';
+	}
+	return {
+		to => $h->{to} // '',
+		subject => Encode::decode('MIME-Header', $h->{subject} // ''),
+		body => $body,
+		html => $parts{'text/html'} // '' };
+}
+
+# Splits a message or MIME part into its headers (lower-case names) and its
+# decoded body (quoted-printable or base64, UTF-8).
+sub mail_part
+{
+	my ($raw) = @_;
 	my ($head, $body) = split /\r?\n\r?\n/, $raw, 2;
+	$head //= '';
 	$head =~ s/\r?\n[ \t]+/ /g;	# unfold
 	my %h;
 	for my $line (split /\r?\n/, $head)
@@ -291,13 +317,12 @@ sub parse_mail
 		$h{ lc $1 } = $2 if $line =~ /^([^:]+):\s*(.*)$/;
 	}
 	$body //= '';
-	$body = MIME::QuotedPrint::decode_qp($body)
-	  if ($h{'content-transfer-encoding'} // '') =~ /quoted-printable/i;
+	my $encoding = $h{'content-transfer-encoding'} // '';
+	$body = MIME::QuotedPrint::decode_qp($body) if $encoding =~ /quoted-printable/i;
+	$body = MIME::Base64::decode_base64($body) if $encoding =~ /base64/i;
 	$body =~ s/\r\n/\n/g;
-	return {
-		to => $h{to} // '',
-		subject => Encode::decode('MIME-Header', $h{subject} // ''),
-		body => Encode::decode('UTF-8', $body) };
+	$body = Encode::decode('UTF-8', $body) unless ($h{'content-type'} // '') =~ /^multipart/i;
+	return (\%h, $body);
 }
 
 # Returns the raw text of every message the SMTP server delivered.
