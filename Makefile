@@ -21,6 +21,9 @@ OBJS = \
 	src/sealed_box.o \
 	src/orders.o \
 	src/payment_webhook.o \
+	src/spi_util.o \
+	src/authenticate.o \
+	src/place_order.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/dispatcher.o \

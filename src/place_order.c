@@ -1,0 +1,316 @@
+/*
+ * place_order.c
+ *		eventshop.place_order(items) and eventshop.place_order(access_token,
+ *		items): the inventory's "reserve", in C with statements prepared once
+ *		per backend, because it runs for every order.
+ *
+ * An order is three statements, all in the caller's transaction:
+ *
+ *   1. lock: every product of the order, locked FOR NO KEY UPDATE in
+ *      product-id order in one statement, so concurrent orders queue up on
+ *      their first common product instead of deadlocking, and nothing can
+ *      change the stock, price or state that the checks below read;
+ *   2. write: reserve the units, insert the order and its lines (title,
+ *      category and price snapshotted) in one statement;
+ *   3. event: order.created through eventshop._emit_event.
+ *
+ * Between 1 and 2 the checks run in C over the locked rows, each refusal
+ * naming the first offending item in the client's order: unknown SKU
+ * (P0002), not for sale (55000), mixed currencies (22023), insufficient
+ * stock (23514, with requested and available units). An error anywhere
+ * aborts the statement, so an order is written whole or not at all; the
+ * products' CHECK (reserved <= stock_on_hand) is the last line of defence
+ * against overselling.
+ *
+ * The two-argument form authenticates first (src/authenticate.c) and
+ * establishes the caller for the rest of the transaction exactly as
+ * eventshop.authenticate does, so an application places an order in one
+ * round trip; the session check of that same call stands in for
+ * _require_user's.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "authenticate.h"
+#include "orders.h"
+#include "spi_util.h"
+
+PG_FUNCTION_INFO_V1(eventshop_place_order);
+PG_FUNCTION_INFO_V1(eventshop_place_order_with_token);
+
+/* One locked product, in product-id order. */
+typedef struct EsOrderLine
+{
+	int64		product_id;
+	char	   *sku;
+	char	   *title;
+	char	   *category;		/* NULL when the product has none */
+	int64		price_minor;
+	char	   *currency;
+	bool		active;
+	int32		available;
+	int32		quantity;		/* what the client asked for */
+} EsOrderLine;
+
+static SPIPlanPtr es_plan_lock = NULL;
+static SPIPlanPtr es_plan_write = NULL;
+static SPIPlanPtr es_plan_event = NULL;
+
+static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
+static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
+static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
+
+/* place_order(items jsonb) -> order_summary, for the caller authenticate established. */
+Datum
+eventshop_place_order(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t	user_id;
+
+	es_require_user(&user_id);
+	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0));
+}
+
+/* place_order(access_token text, items jsonb) -> order_summary: authenticate, then place. */
+Datum
+eventshop_place_order_with_token(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t	user_id;
+	pg_uuid_t	session_id;
+
+	(void) es_authenticate(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0), &user_id, &session_id);
+	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1));
+}
+
+/* Places the order (see the file header) and returns its summary. */
+static Datum
+es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Datum	   *skus;
+	Datum	   *quantities;
+	int			n;
+	EsOrderLine *lines;
+	int		   *line_of;		/* item (client's order) -> line, -1: unknown */
+	int			nlines;
+	int64		total = 0;
+	int64		units = 0;
+	pg_uuid_t  *order_id;
+	Datum		reserved_until;
+	char	   *currency;
+	TupleDesc	tupdesc;
+	Datum		values[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+	Oid			lock_types[1] = {TEXTARRAYOID};
+	Oid			write_types[13] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
+		INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Datum		args[13];
+	Datum	   *ids;
+	Datum	   *qtys;
+	Datum	   *line_skus;
+	Datum	   *titles;
+	Datum	   *categories;
+	bool	   *category_nulls;
+	Datum	   *prices;
+
+	/* Only sku and quantity are accepted: a price or stock sent by the client is refused. */
+	n = es_parse_order_items(items, &skus, &quantities);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/* 1. lock and read */
+	args[0] = es_array(skus, NULL, n, TEXTOID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_lock,
+									  "SELECT p.id, p.sku::text, p.title, p.category, p.price_minor::bigint, "
+									  "p.currency::text, p.active, p.stock_on_hand - p.reserved "
+									  "FROM eventshop.products p WHERE p.sku = ANY ($1) "
+									  "ORDER BY p.id FOR NO KEY UPDATE",
+									  1, lock_types),
+						 args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "locking the products of an order failed");
+	nlines = (int) SPI_processed;
+	lines = palloc(sizeof(EsOrderLine) * (nlines > 0 ? nlines : 1));
+	line_of = palloc(sizeof(int) * n);
+	for (int i = 0; i < n; i++)
+		line_of[i] = -1;
+	for (int r = 0; r < nlines; r++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		EsOrderLine *l = &lines[r];
+		bool		isnull;
+
+		l->product_id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		l->sku = es_text_column(tuple, desc, 2);
+		l->title = es_text_column(tuple, desc, 3);
+		l->category = es_text_column(tuple, desc, 4);
+		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 5, &isnull));
+		l->currency = es_text_column(tuple, desc, 6);
+		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
+		l->quantity = 0;
+		for (int i = 0; i < n; i++)
+		{
+			if (strcmp(TextDatumGetCString(skus[i]), l->sku) == 0)
+			{
+				line_of[i] = r;
+				l->quantity = DatumGetInt32(quantities[i]);
+				break;
+			}
+		}
+	}
+
+	/* What is wrong, reported for the first item in the client's order. */
+	for (int i = 0; i < n; i++)
+		if (line_of[i] < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
+	for (int i = 0; i < n; i++)
+		if (!lines[line_of[i]].active)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
+	for (int r = 1; r < nlines; r++)
+		if (strcmp(lines[r].currency, lines[0].currency) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("an order cannot mix currencies"),
+					 errhint("Place one order per currency.")));
+	for (int i = 0; i < n; i++)
+	{
+		EsOrderLine *l = &lines[line_of[i]];
+
+		if (l->available < l->quantity)
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("insufficient stock for SKU \"%s\"", l->sku),
+					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
+	}
+
+	/* 2. reserve, write the order and its lines (product-id order) */
+	ids = palloc(sizeof(Datum) * nlines);
+	qtys = palloc(sizeof(Datum) * nlines);
+	line_skus = palloc(sizeof(Datum) * nlines);
+	titles = palloc(sizeof(Datum) * nlines);
+	categories = palloc(sizeof(Datum) * nlines);
+	category_nulls = palloc(sizeof(bool) * nlines);
+	prices = palloc(sizeof(Datum) * nlines);
+	for (int r = 0; r < nlines; r++)
+	{
+		EsOrderLine *l = &lines[r];
+
+		/* at most 100 lines of 1000 units at 10^12 each: far inside int64 */
+		total += l->price_minor * l->quantity;
+		units += l->quantity;
+		ids[r] = Int64GetDatum(l->product_id);
+		qtys[r] = Int32GetDatum(l->quantity);
+		line_skus[r] = CStringGetTextDatum(l->sku);
+		titles[r] = CStringGetTextDatum(l->title);
+		category_nulls[r] = l->category == NULL;
+		categories[r] = l->category == NULL ? (Datum) 0 : CStringGetTextDatum(l->category);
+		prices[r] = Int64GetDatum(l->price_minor);
+	}
+	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
+	es_uuid_v7(order_id);
+	/* now() + current_setting('eventshop.reservation_ttl')::interval */
+	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
+										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
+										 DirectFunctionCall3(interval_in,
+															 CStringGetDatum(GetConfigOptionByName("eventshop.reservation_ttl", NULL, false)),
+															 ObjectIdGetDatum(InvalidOid),
+															 Int32GetDatum(-1)));
+	args[0] = UUIDPGetDatum(order_id);
+	args[1] = UUIDPGetDatum(user_id);
+	args[2] = CStringGetTextDatum(lines[0].currency);
+	args[3] = Int64GetDatum(total);
+	args[4] = Int32GetDatum(nlines);
+	args[5] = Int32GetDatum((int32) units);
+	args[6] = reserved_until;
+	args[7] = es_array(ids, NULL, nlines, INT8OID);
+	args[8] = es_array(qtys, NULL, nlines, INT4OID);
+	args[9] = es_array(line_skus, NULL, nlines, TEXTOID);
+	args[10] = es_array(titles, NULL, nlines, TEXTOID);
+	args[11] = es_array(categories, category_nulls, nlines, TEXTOID);
+	args[12] = es_array(prices, NULL, nlines, INT8OID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_write,
+									  "WITH reserve AS ("
+									  " UPDATE eventshop.products p SET reserved = p.reserved + l.quantity"
+									  " FROM ROWS FROM (pg_catalog.unnest($8), pg_catalog.unnest($9)) AS l(product_id, quantity)"
+									  " WHERE p.id = ANY ($8) AND p.id = l.product_id"	/* ANY: a key lookup */
+									  "), ord AS ("
+									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
+									  " item_count, unit_count, created_at, reserved_until, updated_at)"
+									  " VALUES ($1, $2, 'reserved', $3, $4, $5, $6, pg_catalog.now(), $7, pg_catalog.now())"
+									  ") "
+									  "INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category,"
+									  " unit_price_minor, quantity) "
+									  "SELECT $1, l.product_id, l.sku, l.title, l.category, l.price, l.quantity"
+									  " FROM ROWS FROM (pg_catalog.unnest($8), pg_catalog.unnest($10), pg_catalog.unnest($11),"
+									  " pg_catalog.unnest($12), pg_catalog.unnest($13), pg_catalog.unnest($9))"
+									  " AS l(product_id, sku, title, category, price, quantity)",
+									  13, write_types),
+						 args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "writing an order failed");
+
+	/* 3. the event, in the same transaction */
+	if (SPI_execute_plan(es_keep_plan(&es_plan_event,
+									  "SELECT eventshop._emit_event('orders.events', $1::text, 'order.created',"
+									  " pg_catalog.jsonb_build_object('order_id', $1, 'user_id', $2, 'status', 'reserved',"
+									  " 'currency', $3, 'total_minor', $4, 'item_count', $5, 'unit_count', $6,"
+									  " 'reserved_until', $7))",
+									  7, write_types),
+						 args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "emitting order.created failed");
+
+	currency = MemoryContextStrdup(caller_cxt, lines[0].currency);
+	SPI_finish();
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "place_order must return a composite");
+	values[0] = UUIDPGetDatum(order_id);
+	values[1] = CStringGetTextDatum("reserved");
+	values[2] = CStringGetTextDatum(currency);
+	values[3] = Int64GetDatum(total);
+	values[4] = Int32GetDatum(nlines);
+	values[5] = reserved_until;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/* A text column of an SPI result as a C string in the current context, NULL for SQL NULL. */
+static char *
+es_text_column(HeapTuple tuple, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* A one-dimensional array of n elements of a built-in type (nulls may be NULL: none). */
+static Datum
+es_array(Datum *elems, bool *nulls, int n, Oid type)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, typbyval, typalign));
+}
