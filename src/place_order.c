@@ -4,23 +4,29 @@
  *		items): the inventory's "reserve", in C with statements prepared once
  *		per backend, because it runs for every order.
  *
- * An order is three statements, all in the caller's transaction:
+ * An order is two statements and a function call, all in the caller's
+ * transaction:
  *
- *   1. lock: every product of the order, locked FOR NO KEY UPDATE in
- *      product-id order in one statement, so concurrent orders queue up on
- *      their first common product instead of deadlocking, and nothing can
- *      change the stock, price or state that the checks below read;
- *   2. write: reserve the units, insert the order and its lines (title,
- *      category and price snapshotted) in one statement;
- *   3. event: order.created through eventshop._emit_event.
+ *   1. reserve: every product of the order is locked FOR NO KEY UPDATE in
+ *      product-id order (a materialized CTE, so concurrent orders queue up
+ *      on their first common product instead of deadlocking, and nothing
+ *      can change the stock, price or state read under the lock), then
+ *      reserved by the same statement wherever the line can be served
+ *      (active, available >= quantity; otherwise by 0), returning what the
+ *      checks and the snapshot need as read under the lock;
+ *   2. write: the order and its lines (title, category and price
+ *      snapshotted) in one statement;
+ *   3. event: order.created through eventshop._emit_event (called directly,
+ *      its data built in C).
  *
  * Between 1 and 2 the checks run in C over the locked rows, each refusal
  * naming the first offending item in the client's order: unknown SKU
  * (P0002), not for sale (55000), mixed currencies (22023), insufficient
- * stock (23514, with requested and available units). An error anywhere
- * aborts the statement, so an order is written whole or not at all; the
- * products' CHECK (reserved <= stock_on_hand) is the last line of defence
- * against overselling.
+ * stock (23514, with requested and available units). A refusal is an
+ * ERROR, which undoes the reservations of step 1 with the rest of the
+ * statement: an order is written whole or not at all. The products' CHECK
+ * (reserved <= stock_on_hand) is the last line of defence against
+ * overselling; step 1 never adds units that would break it.
  *
  * The two-argument form authenticates first (src/authenticate.c) and
  * establishes the caller for the rest of the transaction exactly as
@@ -36,12 +42,18 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/numeric.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -68,9 +80,11 @@ typedef struct EsOrderLine
 
 static SPIPlanPtr es_plan_lock = NULL;
 static SPIPlanPtr es_plan_write = NULL;
-static SPIPlanPtr es_plan_event = NULL;
 
 static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
+static void es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
+								  int64 total, int32 item_count, int64 unit_count, Datum reserved_until);
+static void es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value);
 static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
 static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
 
@@ -114,7 +128,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	TupleDesc	tupdesc;
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
-	Oid			lock_types[1] = {TEXTARRAYOID};
+	Oid			lock_types[2] = {TEXTARRAYOID, INT4ARRAYOID};
 	Oid			write_types[13] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
 		INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
 	Datum		args[13];
@@ -132,16 +146,24 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	/* 1. lock and read */
+	/* 1. lock, then reserve where the line can be served, and read */
 	args[0] = es_array(skus, NULL, n, TEXTOID);
+	args[1] = es_array(quantities, NULL, n, INT4OID);
 	if (SPI_execute_plan(es_keep_plan(&es_plan_lock,
-									  "SELECT p.id, p.sku::text, p.title, p.category, p.price_minor::bigint, "
-									  "p.currency::text, p.active, p.stock_on_hand - p.reserved "
-									  "FROM eventshop.products p WHERE p.sku = ANY ($1) "
-									  "ORDER BY p.id FOR NO KEY UPDATE",
-									  1, lock_types),
-						 args, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "locking the products of an order failed");
+									  "WITH l AS MATERIALIZED ("
+									  " SELECT p.id, p.active, p.stock_on_hand - p.reserved AS available"
+									  " FROM eventshop.products p WHERE p.sku = ANY ($1)"
+									  " ORDER BY p.id FOR NO KEY UPDATE"
+									  ") "
+									  "UPDATE eventshop.products p SET reserved = p.reserved +"
+									  " CASE WHEN l.active AND l.available >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
+									  " THEN ($2)[pg_catalog.array_position($1, p.sku::text)] ELSE 0 END "
+									  "FROM l WHERE p.id = l.id "
+									  "RETURNING p.id, p.sku::text, p.title, p.category, p.price_minor::bigint,"
+									  " p.currency::text, l.active, l.available",
+									  2, lock_types),
+						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "reserving the products of an order failed");
 	nlines = (int) SPI_processed;
 	lines = palloc(sizeof(EsOrderLine) * (nlines > 0 ? nlines : 1));
 	line_of = palloc(sizeof(int) * n);
@@ -202,7 +224,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
 	}
 
-	/* 2. reserve, write the order and its lines (product-id order) */
+	/* 2. the order and its lines */
 	ids = palloc(sizeof(Datum) * nlines);
 	qtys = palloc(sizeof(Datum) * nlines);
 	line_skus = palloc(sizeof(Datum) * nlines);
@@ -248,11 +270,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	args[11] = es_array(categories, category_nulls, nlines, TEXTOID);
 	args[12] = es_array(prices, NULL, nlines, INT8OID);
 	if (SPI_execute_plan(es_keep_plan(&es_plan_write,
-									  "WITH reserve AS ("
-									  " UPDATE eventshop.products p SET reserved = p.reserved + l.quantity"
-									  " FROM ROWS FROM (pg_catalog.unnest($8), pg_catalog.unnest($9)) AS l(product_id, quantity)"
-									  " WHERE p.id = ANY ($8) AND p.id = l.product_id"	/* ANY: a key lookup */
-									  "), ord AS ("
+									  "WITH ord AS ("
 									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
 									  " item_count, unit_count, created_at, reserved_until, updated_at)"
 									  " VALUES ($1, $2, 'reserved', $3, $4, $5, $6, pg_catalog.now(), $7, pg_catalog.now())"
@@ -268,14 +286,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 		elog(ERROR, "writing an order failed");
 
 	/* 3. the event, in the same transaction */
-	if (SPI_execute_plan(es_keep_plan(&es_plan_event,
-									  "SELECT eventshop._emit_event('orders.events', $1::text, 'order.created',"
-									  " pg_catalog.jsonb_build_object('order_id', $1, 'user_id', $2, 'status', 'reserved',"
-									  " 'currency', $3, 'total_minor', $4, 'item_count', $5, 'unit_count', $6,"
-									  " 'reserved_until', $7))",
-									  7, write_types),
-						 args, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "emitting order.created failed");
+	es_emit_order_created(order_id, user_id, lines[0].currency, total, nlines, units, reserved_until);
 
 	currency = MemoryContextStrdup(caller_cxt, lines[0].currency);
 	SPI_finish();
@@ -289,6 +300,70 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	values[4] = Int32GetDatum(nlines);
 	values[5] = reserved_until;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * Emits order.created through eventshop._emit_event, called directly rather
+ * than through a statement: the data is what jsonb_build_object would make
+ * of order_id, user_id, status, currency, total_minor, item_count,
+ * unit_count and reserved_until.
+ */
+static void
+es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
+					  int64 total, int32 item_count, int64 unit_count, Datum reserved_until)
+{
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID};
+	Oid			emit;
+	char	   *order_str = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(order_id)));
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	JsonbValue *data;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	v.type = jbvString;
+	v.val.string.val = order_str;
+	v.val.string.len = strlen(order_str);
+	es_push_pair(&state, "order_id", &v);
+	v.val.string.val = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(user_id)));
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "user_id", &v);
+	v.val.string.val = "reserved";
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "status", &v);
+	v.val.string.val = (char *) currency;
+	v.val.string.len = strlen(currency);
+	es_push_pair(&state, "currency", &v);
+	v.val.string.val = JsonEncodeDateTime(NULL, reserved_until, TIMESTAMPTZOID, NULL);
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "reserved_until", &v);
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(total);
+	es_push_pair(&state, "total_minor", &v);
+	v.val.numeric = int64_to_numeric(item_count);
+	es_push_pair(&state, "item_count", &v);
+	v.val.numeric = int64_to_numeric(unit_count);
+	es_push_pair(&state, "unit_count", &v);
+	data = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+
+	/* looked up per call (a syscache hit), so a re-created extension is found */
+	emit = LookupFuncName(list_make2(makeString("eventshop"), makeString("_emit_event")), 4, argtypes, false);
+	if (pg_proc_aclcheck(emit, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		aclcheck_error(ACLCHECK_NO_PRIV, OBJECT_FUNCTION, "eventshop._emit_event");
+	(void) OidFunctionCall4(emit, CStringGetTextDatum("orders.events"), CStringGetTextDatum(order_str),
+							CStringGetTextDatum("order.created"), JsonbPGetDatum(JsonbValueToJsonb(data)));
+}
+
+/* Adds "key": value to the object being built. */
+static void
+es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &k);
+	pushJsonbValue(state, WJB_VALUE, value);
 }
 
 /* A text column of an SPI result as a C string in the current context, NULL for SQL NULL. */
