@@ -5,12 +5,15 @@
 # ratio of the two (target: orders >= 1.0x TPC-B).
 #
 #   TPC-B:  pgbench -i -s $SCALE, then pgbench -c C -j J -T T -M prepared
-#   orders: bench/place_order.sql (pgbench -n -c C -j J -T T -M prepared): in
-#           one transaction, eventshop.authenticate(access token) and
-#           eventshop.place_order of 3 distinct random products, quantity
-#           1-3 each, as a real client would; each pgbench client holds the
-#           access token of its own user (logged in before the run, token
-#           lifetime raised to a day so that no token expires during it)
+#   orders: bench/place_order.sql (pgbench -n -c C -j J -T T -M prepared): one
+#           call of eventshop.place_order(access token, items) of 3 distinct
+#           random products, quantity 1-3 each, as an application places an
+#           order: the token verified exactly as eventshop.authenticate does,
+#           the order placed, one round trip, one transaction; each pgbench
+#           client holds the access token of its own user (logged in before
+#           the run, token lifetime raised to a day so that no token expires
+#           during it). SCRIPT=place_order_two_calls.sql measures the other
+#           pattern instead: BEGIN, authenticate, place_order(items), END.
 #
 # Data of comparable size and shape: scale S gives TPC-B 100,000*S accounts
 # and the shop 1,000*S products (10,000 at the default S = 10) with stock
@@ -25,6 +28,7 @@
 # as user postgres).
 #
 #   bash bench/orders_bench.sh                  # C = 2 and 8, J = 2, 30 s each, S = 10
+#   SCRIPT=place_order_two_calls.sql bash bench/orders_bench.sh
 #   CLIENTS="1 2 4 8" DURATION=60 SCALE=10 JOBS=2 bash bench/orders_bench.sh
 #   PROFILE=1 bash bench/orders_bench.sh        # then profile the order transaction
 #
@@ -47,6 +51,7 @@ SCALE=${SCALE:-10}
 JOBS=${JOBS:-2}
 PRODUCTS=${PRODUCTS:-$((SCALE * 1000))}
 PROFILE=${PROFILE:-0}
+SCRIPT=${SCRIPT:-place_order.sql}
 max_clients=$(echo $CLIENTS | tr ' ' '\n' | sort -n | tail -1)
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -72,8 +77,8 @@ pgbench_ -i -q -s "$SCALE" postgres >"$work/init.log" 2>&1 || { cat "$work/init.
 
 echo "==> shop data: $PRODUCTS products, $max_clients customers with one access token each"
 psql_ -c 'SELECT eventshop.rotate_signing_keys()' >/dev/null
-if [ "$(psql_ -c "SELECT to_regprocedure('eventshop.place_order(jsonb)') IS NULL")" = t ]; then
-	echo "the installed eventshop has no orders module (eventshop.place_order): make install first" >&2
+if [ "$(psql_ -c "SELECT to_regprocedure('eventshop.place_order(text, jsonb)') IS NULL")" = t ]; then
+	echo "the installed eventshop has no eventshop.place_order(access_token, items): make install first" >&2
 	exit 1
 fi
 psql_ -f - <<'SQL' >/dev/null
@@ -165,11 +170,11 @@ for c in $CLIENTS; do
 	settle
 	tpcb[$c]=$(run_pgbench -c "$c" -j "$j" -T "$DURATION")
 	echo "    ${tpcb[$c]%% *} tps"
-	echo "==> orders: pgbench -n -c $c -j $j -T $DURATION -M prepared -f place_order.sql ($PRODUCTS products)"
+	echo "==> orders: pgbench -n -c $c -j $j -T $DURATION -M prepared -f $SCRIPT ($PRODUCTS products)"
 	settle
 	before=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
 	orders[$c]=$(run_pgbench -n -U bench_app -c "$c" -j "$j" -T "$DURATION" \
-		-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/place_order.sql")
+		-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
 	after=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
 	read -r _ _ processed _ <<<"${orders[$c]}"
 	if [ $((after - before)) != "$processed" ]; then
@@ -192,7 +197,7 @@ for c in $CLIENTS; do
 		"$(awk -v a="$o_tps" -v b="$t_tps" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
 		"$(awk -v a="$o_srv" -v b="$o_cli" -v c="$t_srv" -v d="$t_cli" 'BEGIN { print (a + b > 0 ? (c + d) / (a + b) : 0) }')"
 done
-echo "ratio = order tps / TPC-B tps (target >= 1.0). An order transaction: authenticate (RS256 verify) + place_order of 3 items."
+echo "ratio = order tps / TPC-B tps (target >= 1.0). An order transaction ($SCRIPT): access token verified (RS256) + place_order of 3 items."
 echo "srv us / cli us = CPU microseconds per transaction of the whole cluster (backends, background processes, autovacuum)"
 echo "and of pgbench; CPU ratio = TPC-B CPU per transaction / order CPU per transaction (the ratio an idle, CPU-bound machine would approach)."
 
@@ -209,7 +214,7 @@ psql_ -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "ALTER SYSTEM SE
 sleep 1
 psql_ -c 'SELECT pg_stat_statements_reset()' >/dev/null
 profile=$(run_pgbench -n -U bench_app -c "$c" -j $((JOBS < c ? JOBS : c)) -T "$DURATION" \
-	-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/place_order.sql")
+	-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
 read -r p_tps _ p_n _ <<<"$profile"
 echo "    $p_tps tps with tracking on; per order transaction:"
 es_as_run_user env PGHOST="$PGHOST" PGPORT="$PGPORT" "$BENCH_BIN/psql" -d postgres -X -q -v ON_ERROR_STOP=1 -v n="$p_n" -P pager=off -f - <<'SQL'
