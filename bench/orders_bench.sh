@@ -19,17 +19,22 @@
 # and the shop 1,000*S products (10,000 at the default S = 10) with stock
 # high enough that no run sells out, so orders rarely meet on one row,
 # while TPC-B's S branches are its hot rows. Both data sets fit in
-# shared_buffers (512MB). For each client count, TPC-B runs first, then the
-# orders, each after a VACUUM ANALYZE and a CHECKPOINT; every order must have
+# shared_buffers (512MB). For each client count, after a VACUUM ANALYZE and
+# a CHECKPOINT, TPC-B and the orders alternate in ROUNDS rounds (default 3)
+# of DURATION/ROUNDS seconds, so that load elsewhere on a shared machine,
+# which drifts, weighs on both alike (no checkpoint between rounds: each
+# workload pays its full-page writes once, as in one run of DURATION); the
+# figures printed are over all rounds (mean tps, latency and CPU per
+# transaction weighted by transactions). Every order must have
 # its order.created event in the outbox (the relay is off, so they stay
 # there), one per pgbench transaction. The cluster is started
 # once, with the same settings for both (synchronous_commit as default: on),
 # and stopped at the end (bench/lib.sh; as root, the cluster and pgbench run
 # as user postgres).
 #
-#   bash bench/orders_bench.sh                  # C = 2 and 8, J = 2, 30 s each, S = 10
+#   bash bench/orders_bench.sh                  # C = 2 and 8, J = 2, 30 s each (3 rounds), S = 10
 #   SCRIPT=place_order_two_calls.sql bash bench/orders_bench.sh
-#   CLIENTS="1 2 4 8" DURATION=60 SCALE=10 JOBS=2 bash bench/orders_bench.sh
+#   CLIENTS="1 2 4 8" DURATION=60 ROUNDS=6 SCALE=10 JOBS=2 bash bench/orders_bench.sh
 #   PROFILE=1 bash bench/orders_bench.sh        # then profile the order transaction
 #
 # Besides throughput it prints CPU microseconds per transaction of the whole
@@ -52,6 +57,7 @@ JOBS=${JOBS:-2}
 PRODUCTS=${PRODUCTS:-$((SCALE * 1000))}
 PROFILE=${PROFILE:-0}
 SCRIPT=${SCRIPT:-place_order.sql}
+ROUNDS=${ROUNDS:-3}
 max_clients=$(echo $CLIENTS | tr ' ' '\n' | sort -n | tail -1)
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -163,29 +169,47 @@ settle() {
 	psql_ -c 'VACUUM ANALYZE' -c 'CHECKPOINT' >/dev/null
 }
 
+# Combines the result lines of several rounds (one per line) into one: mean
+# tps (equal durations), and latency and CPU per transaction weighted by the
+# transactions of each round.
+combine() {
+	awk '{ tps += $1; lat += $2 * $3; n += $3; f += $4; srv += $5 * $3; cli += $6 * $3; r++ }
+		END { printf "%.1f %.3f %d %d %.0f %.0f\n", tps / r, lat / n, n, f, srv / n, cli / n }'
+}
+
+# TPC-B and orders alternate in ROUNDS rounds of DURATION/ROUNDS seconds
+# each, so that load elsewhere on the machine, which drifts, weighs on both alike.
+round_s=$((DURATION / ROUNDS))
 declare -A tpcb orders
 for c in $CLIENTS; do
 	j=$((JOBS < c ? JOBS : c))
-	echo "==> TPC-B: pgbench -c $c -j $j -T $DURATION -M prepared (scale $SCALE)"
+	t_rounds=""
+	o_rounds=""
 	settle
-	tpcb[$c]=$(run_pgbench -c "$c" -j "$j" -T "$DURATION")
-	echo "    ${tpcb[$c]%% *} tps"
-	echo "==> orders: pgbench -n -c $c -j $j -T $DURATION -M prepared -f $SCRIPT ($PRODUCTS products)"
-	settle
-	before=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
-	orders[$c]=$(run_pgbench -n -U bench_app -c "$c" -j "$j" -T "$DURATION" \
-		-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
-	after=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
-	read -r _ _ processed _ <<<"${orders[$c]}"
-	if [ $((after - before)) != "$processed" ]; then
-		echo "$((after - before)) order.created events for $processed pgbench transactions" >&2
-		exit 1
-	fi
-	echo "    ${orders[$c]%% *} tps ($((after - before)) orders placed)"
+	for ((r = 1; r <= ROUNDS; r++)); do
+		echo "==> round $r/$ROUNDS, TPC-B: pgbench -c $c -j $j -T $round_s -M prepared (scale $SCALE)"
+		res=$(run_pgbench -c "$c" -j "$j" -T "$round_s")
+		t_rounds+="$res"$'\n'
+		echo "    ${res%% *} tps"
+		echo "==> round $r/$ROUNDS, orders: pgbench -n -c $c -j $j -T $round_s -M prepared -f $SCRIPT ($PRODUCTS products)"
+		before=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
+		res=$(run_pgbench -n -U bench_app -c "$c" -j "$j" -T "$round_s" \
+			-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
+		after=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
+		read -r _ _ processed _ <<<"$res"
+		if [ $((after - before)) != "$processed" ]; then
+			echo "$((after - before)) order.created events for $processed pgbench transactions" >&2
+			exit 1
+		fi
+		o_rounds+="$res"$'\n'
+		echo "    ${res%% *} tps ($((after - before)) orders placed)"
+	done
+	tpcb[$c]=$(printf '%s' "$t_rounds" | combine)
+	orders[$c]=$(printf '%s' "$o_rounds" | combine)
 done
 
 echo
-echo "Order placement vs TPC-B: same cluster, $(nproc) CPUs, scale $SCALE ($PRODUCTS products), -M prepared, ${DURATION}s per run, synchronous_commit on"
+echo "Order placement vs TPC-B: same cluster, $(nproc) CPUs, scale $SCALE ($PRODUCTS products), -M prepared, ${DURATION}s each ($ROUNDS alternating rounds), synchronous_commit on"
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine lowers both rates; CPU per transaction hardly changes)"
 printf '%7s %7s | %9s %7s %8s %8s | %9s %7s %8s %8s | %6s %9s\n' clients threads \
 	'TPC-B tps' 'lat ms' 'srv us' 'cli us' 'order tps' 'lat ms' 'srv us' 'cli us' ratio 'CPU ratio'

@@ -4,28 +4,30 @@
  *		items): the inventory's "reserve", in C with statements prepared once
  *		per backend, because it runs for every order.
  *
- * An order is one statement and a function call, both in the caller's
+ * An order is two statements and a function call, all in the caller's
  * transaction:
  *
- *   1. every product of the order is locked FOR NO KEY UPDATE in product-id
- *      order (a materialized CTE, so concurrent orders queue up on their
- *      first common product instead of deadlocking, and nothing can change
- *      the stock, price or state read under the lock); the same statement
- *      checks the locked rows (every SKU found, all for sale, one currency,
- *      enough available for every line) and only if all of that holds
- *      reserves the units and inserts the order and its lines (title,
- *      category and price snapshotted); it returns the locked rows;
- *   2. order.created through eventshop._emit_event (called directly, its
- *      data built in C).
+ *   1. reserve: every product of the order is locked FOR NO KEY UPDATE in
+ *      product-id order (a materialized CTE, so concurrent orders queue up
+ *      on their first common product instead of deadlocking, and nothing
+ *      can change the stock, price or state read under the lock), then
+ *      reserved by the same statement wherever the line can be served
+ *      (active, available >= quantity; otherwise by 0), returning what the
+ *      checks and the snapshot need as read under the lock;
+ *   2. write: the order and its lines in one statement, the lines' SKU,
+ *      title, category and price snapshotted from the product rows this
+ *      transaction holds locked;
+ *   3. event: order.created through eventshop._emit_event (called directly,
+ *      its data built in C).
  *
- * The C code runs the same checks over the returned rows to say what is
- * wrong, each refusal naming the first offending item in the client's
- * order: unknown SKU (P0002), not for sale (55000), mixed currencies
- * (22023), insufficient stock (23514, with requested and available units).
- * A refused order was not written by the statement, and the ERROR would
- * undo it anyway: an order is written whole or not at all. The products'
- * CHECK (reserved <= stock_on_hand) is the last line of defence against
- * overselling.
+ * Between 1 and 2 the checks run in C over the locked rows, each refusal
+ * naming the first offending item in the client's order: unknown SKU
+ * (P0002), not for sale (55000), mixed currencies (22023), insufficient
+ * stock (23514, with requested and available units). A refusal is an
+ * ERROR, which undoes the reservations of step 1 with the rest of the
+ * statement: an order is written whole or not at all. The products' CHECK
+ * (reserved <= stock_on_hand) is the last line of defence against
+ * overselling; step 1 never adds units that would break it.
  *
  * The two-argument form authenticates first (src/authenticate.c) and
  * establishes the caller for the rest of the transaction exactly as
@@ -68,8 +70,6 @@ typedef struct EsOrderLine
 {
 	int64		product_id;
 	char	   *sku;
-	char	   *title;
-	char	   *category;		/* NULL when the product has none */
 	int64		price_minor;
 	char	   *currency;
 	bool		active;
@@ -77,7 +77,8 @@ typedef struct EsOrderLine
 	int32		quantity;		/* what the client asked for */
 } EsOrderLine;
 
-static SPIPlanPtr es_plan_order = NULL;
+static SPIPlanPtr es_plan_lock = NULL;
+static SPIPlanPtr es_plan_write = NULL;
 
 static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
 static void es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
@@ -126,9 +127,12 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	TupleDesc	tupdesc;
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
-	Oid			order_types[5] = {TEXTARRAYOID, INT4ARRAYOID, UUIDOID, UUIDOID, TIMESTAMPTZOID};
-	Datum		args[5];
-	bool		written = false;
+	Oid			lock_types[2] = {TEXTARRAYOID, INT4ARRAYOID};
+	Oid			write_types[9] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
+		INT8ARRAYOID, INT4ARRAYOID};
+	Datum		args[9];
+	Datum	   *ids;
+	Datum	   *qtys;
 
 	/* Only sku and quantity are accepted: a price or stock sent by the client is refused. */
 	n = es_parse_order_items(items, &skus, &quantities);
@@ -136,54 +140,24 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
-	es_uuid_v7(order_id);
-	/* now() + current_setting('eventshop.reservation_ttl')::interval */
-	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
-										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
-										 DirectFunctionCall3(interval_in,
-															 CStringGetDatum(GetConfigOptionByName("eventshop.reservation_ttl", NULL, false)),
-															 ObjectIdGetDatum(InvalidOid),
-															 Int32GetDatum(-1)));
-
-	/* 1. lock, check, and if every check passes reserve and write the order */
+	/* 1. lock, then reserve where the line can be served, and read */
 	args[0] = es_array(skus, NULL, n, TEXTOID);
 	args[1] = es_array(quantities, NULL, n, INT4OID);
-	args[2] = UUIDPGetDatum(order_id);
-	args[3] = UUIDPGetDatum(user_id);
-	args[4] = reserved_until;
-	if (SPI_execute_plan(es_keep_plan(&es_plan_order,
+	if (SPI_execute_plan(es_keep_plan(&es_plan_lock,
 									  "WITH l AS MATERIALIZED ("
-									  " SELECT p.id, p.sku::text AS sku, p.title, p.category, p.price_minor::bigint AS price,"
-									  " p.currency::text AS currency, p.active, p.stock_on_hand - p.reserved AS available,"
-									  " ($2)[pg_catalog.array_position($1, p.sku::text)] AS quantity"
+									  " SELECT p.id, p.active, p.stock_on_hand - p.reserved AS available"
 									  " FROM eventshop.products p WHERE p.sku = ANY ($1)"
 									  " ORDER BY p.id FOR NO KEY UPDATE"
-									  "), ok AS MATERIALIZED ("
-									  " SELECT count(*) = pg_catalog.cardinality($1)"
-									  " AND bool_and(l.active AND l.available >= l.quantity)"
-									  " AND min(l.currency) = max(l.currency) AS ok,"
-									  " min(l.currency) AS currency, sum(l.price * l.quantity)::bigint AS total,"
-									  " sum(l.quantity)::integer AS units"
-									  " FROM l"
-									  "), reserve AS ("
-									  " UPDATE eventshop.products p SET reserved = p.reserved + l.quantity"
-									  " FROM l, ok WHERE ok.ok AND p.id = l.id"
-									  "), ord AS ("
-									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
-									  " item_count, unit_count, created_at, reserved_until, updated_at)"
-									  " SELECT $3, $4, 'reserved', ok.currency, ok.total, pg_catalog.cardinality($1), ok.units,"
-									  " pg_catalog.now(), $5, pg_catalog.now() FROM ok WHERE ok.ok"
-									  "), items AS ("
-									  " INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category,"
-									  " unit_price_minor, quantity)"
-									  " SELECT $3, l.id, l.sku, l.title, l.category, l.price, l.quantity FROM l, ok WHERE ok.ok"
 									  ") "
-									  "SELECT l.id, l.sku, l.title, l.category, l.price, l.currency, l.active, l.available, ok.ok"
-									  " FROM l, ok",
-									  5, order_types),
-						 args, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "placing an order failed");
+									  "UPDATE eventshop.products p SET reserved = p.reserved +"
+									  " CASE WHEN l.active AND l.available >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
+									  " THEN ($2)[pg_catalog.array_position($1, p.sku::text)] ELSE 0 END "
+									  "FROM l WHERE p.id = l.id "
+									  "RETURNING p.id, p.sku::text, p.price_minor::bigint,"
+									  " p.currency::text, l.active, l.available",
+									  2, lock_types),
+						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "reserving the products of an order failed");
 	nlines = (int) SPI_processed;
 	lines = palloc(sizeof(EsOrderLine) * (nlines > 0 ? nlines : 1));
 	line_of = palloc(sizeof(int) * n);
@@ -198,13 +172,10 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 
 		l->product_id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
 		l->sku = es_text_column(tuple, desc, 2);
-		l->title = es_text_column(tuple, desc, 3);
-		l->category = es_text_column(tuple, desc, 4);
-		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 5, &isnull));
-		l->currency = es_text_column(tuple, desc, 6);
-		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
-		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
-		written = DatumGetBool(SPI_getbinval(tuple, desc, 9, &isnull));
+		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 3, &isnull));
+		l->currency = es_text_column(tuple, desc, 4);
+		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 5, &isnull));
+		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
 		l->quantity = 0;
 		for (int i = 0; i < n; i++)
 		{
@@ -245,17 +216,53 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
 	}
 
-	/* the statement applied the same checks: it wrote the order exactly when they all pass */
-	if (!written)
-		elog(ERROR, "an order that passed every check was not written");
+	/* 2. the order and its lines */
+	ids = palloc(sizeof(Datum) * nlines);
+	qtys = palloc(sizeof(Datum) * nlines);
 	for (int r = 0; r < nlines; r++)
 	{
-		/* at most 100 lines of 1000 units at 10^12 each: far inside int64 */
-		total += lines[r].price_minor * lines[r].quantity;
-		units += lines[r].quantity;
-	}
+		EsOrderLine *l = &lines[r];
 
-	/* 2. the event, in the same transaction */
+		/* at most 100 lines of 1000 units at 10^12 each: far inside int64 */
+		total += l->price_minor * l->quantity;
+		units += l->quantity;
+		ids[r] = Int64GetDatum(l->product_id);
+		qtys[r] = Int32GetDatum(l->quantity);
+	}
+	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
+	es_uuid_v7(order_id);
+	/* now() + current_setting('eventshop.reservation_ttl')::interval */
+	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
+										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
+										 DirectFunctionCall3(interval_in,
+															 CStringGetDatum(GetConfigOptionByName("eventshop.reservation_ttl", NULL, false)),
+															 ObjectIdGetDatum(InvalidOid),
+															 Int32GetDatum(-1)));
+	args[0] = UUIDPGetDatum(order_id);
+	args[1] = UUIDPGetDatum(user_id);
+	args[2] = CStringGetTextDatum(lines[0].currency);
+	args[3] = Int64GetDatum(total);
+	args[4] = Int32GetDatum(nlines);
+	args[5] = Int32GetDatum((int32) units);
+	args[6] = reserved_until;
+	args[7] = es_array(ids, NULL, nlines, INT8OID);
+	args[8] = es_array(qtys, NULL, nlines, INT4OID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_write,
+									  "WITH ord AS ("
+									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
+									  " item_count, unit_count, created_at, reserved_until, updated_at)"
+									  " VALUES ($1, $2, 'reserved', $3, $4, $5, $6, pg_catalog.now(), $7, pg_catalog.now())"
+									  ") "
+									  "INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category,"
+									  " unit_price_minor, quantity) "
+									  "SELECT $1, p.id, p.sku, p.title, p.category, p.price_minor,"
+									  " ($9)[pg_catalog.array_position($8, p.id)]"
+									  " FROM eventshop.products p WHERE p.id = ANY ($8)",
+									  9, write_types),
+						 args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "writing an order failed");
+
+	/* 3. the event, in the same transaction */
 	es_emit_order_created(order_id, user_id, lines[0].currency, total, nlines, units, reserved_until);
 
 	currency = MemoryContextStrdup(caller_cxt, lines[0].currency);
