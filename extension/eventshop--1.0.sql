@@ -2068,9 +2068,9 @@ COMMENT ON FUNCTION eventshop._parse_order_items(jsonb) IS 'Internal: validates 
 
 -- Places an order for the authenticated user: the inventory's "reserve" (C,
 -- src/place_order.c: one statement locks every product of the order in id
--- order and reads what the checks and the snapshot need, one reserves and
--- writes the order with its lines, one emits the event, each prepared once
--- per backend). The two-argument form authenticates with an access token
+-- order, reserves the lines that can be served and returns what the checks
+-- and the snapshot need; one writes the order with its lines; then the
+-- event. Statements prepared once per backend). The two-argument form authenticates with an access token
 -- first (as eventshop.authenticate, establishing the caller for the rest of
 -- the transaction), so that an order takes one round trip.
 CREATE FUNCTION eventshop.place_order(items jsonb)
