@@ -25,6 +25,9 @@ OBJS = \
 	src/payment_webhook.o \
 	src/template_render.o \
 	src/event_mask.o \
+	src/spi_util.o \
+	src/authenticate.o \
+	src/place_order.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/relay_window.o \

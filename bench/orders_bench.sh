@@ -5,27 +5,36 @@
 # ratio of the two (target: orders >= 1.0x TPC-B).
 #
 #   TPC-B:  pgbench -i -s $SCALE, then pgbench -c C -j J -T T -M prepared
-#   orders: bench/place_order.sql (pgbench -n -c C -j J -T T -M prepared): in
-#           one transaction, eventshop.authenticate(access token) and
-#           eventshop.place_order of 3 distinct random products, quantity
-#           1-3 each, as a real client would; each pgbench client holds the
-#           access token of its own user (logged in before the run, token
-#           lifetime raised to a day so that no token expires during it)
+#   orders: bench/place_order.sql (pgbench -n -c C -j J -T T -M prepared): one
+#           call of eventshop.place_order(access token, items) of 3 distinct
+#           random products, quantity 1-3 each, as an application places an
+#           order: the token verified exactly as eventshop.authenticate does,
+#           the order placed, one round trip, one transaction; each pgbench
+#           client holds the access token of its own user (logged in before
+#           the run, token lifetime raised to a day so that no token expires
+#           during it). SCRIPT=place_order_two_calls.sql measures the other
+#           pattern instead: BEGIN, authenticate, place_order(items), END.
 #
 # Data of comparable size and shape: scale S gives TPC-B 100,000*S accounts
 # and the shop 1,000*S products (10,000 at the default S = 10) with stock
 # high enough that no run sells out, so orders rarely meet on one row,
 # while TPC-B's S branches are its hot rows. Both data sets fit in
-# shared_buffers (512MB). For each client count, TPC-B runs first, then the
-# orders, each after a VACUUM ANALYZE and a CHECKPOINT; every order must have
+# shared_buffers (512MB). For each client count, after a VACUUM ANALYZE and
+# a CHECKPOINT, TPC-B and the orders alternate in ROUNDS rounds (default 3)
+# of DURATION/ROUNDS seconds, so that load elsewhere on a shared machine,
+# which drifts, weighs on both alike (no checkpoint between rounds: each
+# workload pays its full-page writes once, as in one run of DURATION); the
+# figures printed are over all rounds (mean tps, latency and CPU per
+# transaction weighted by transactions). Every order must have
 # its order.created event in the outbox (the relay is off, so they stay
 # there), one per pgbench transaction. The cluster is started
 # once, with the same settings for both (synchronous_commit as default: on),
 # and stopped at the end (bench/lib.sh; as root, the cluster and pgbench run
 # as user postgres).
 #
-#   bash bench/orders_bench.sh                  # C = 2 and 8, J = 2, 30 s each, S = 10
-#   CLIENTS="1 2 4 8" DURATION=60 SCALE=10 JOBS=2 bash bench/orders_bench.sh
+#   bash bench/orders_bench.sh                  # C = 2 and 8, J = 2, 30 s each (3 rounds), S = 10
+#   SCRIPT=place_order_two_calls.sql bash bench/orders_bench.sh
+#   CLIENTS="1 2 4 8" DURATION=60 ROUNDS=6 SCALE=10 JOBS=2 bash bench/orders_bench.sh
 #   PROFILE=1 bash bench/orders_bench.sh        # then profile the order transaction
 #
 # Besides throughput it prints CPU microseconds per transaction of the whole
@@ -47,6 +56,8 @@ SCALE=${SCALE:-10}
 JOBS=${JOBS:-2}
 PRODUCTS=${PRODUCTS:-$((SCALE * 1000))}
 PROFILE=${PROFILE:-0}
+SCRIPT=${SCRIPT:-place_order.sql}
+ROUNDS=${ROUNDS:-3}
 max_clients=$(echo $CLIENTS | tr ' ' '\n' | sort -n | tail -1)
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -72,8 +83,8 @@ pgbench_ -i -q -s "$SCALE" postgres >"$work/init.log" 2>&1 || { cat "$work/init.
 
 echo "==> shop data: $PRODUCTS products, $max_clients customers with one access token each"
 psql_ -c 'SELECT eventshop.rotate_signing_keys()' >/dev/null
-if [ "$(psql_ -c "SELECT to_regprocedure('eventshop.place_order(jsonb)') IS NULL")" = t ]; then
-	echo "the installed eventshop has no orders module (eventshop.place_order): make install first" >&2
+if [ "$(psql_ -c "SELECT to_regprocedure('eventshop.place_order(text, jsonb)') IS NULL")" = t ]; then
+	echo "the installed eventshop has no eventshop.place_order(access_token, items): make install first" >&2
 	exit 1
 fi
 psql_ -f - <<'SQL' >/dev/null
@@ -158,29 +169,47 @@ settle() {
 	psql_ -c 'VACUUM ANALYZE' -c 'CHECKPOINT' >/dev/null
 }
 
+# Combines the result lines of several rounds (one per line) into one: mean
+# tps (equal durations), and latency and CPU per transaction weighted by the
+# transactions of each round.
+combine() {
+	awk '{ tps += $1; lat += $2 * $3; n += $3; f += $4; srv += $5 * $3; cli += $6 * $3; r++ }
+		END { printf "%.1f %.3f %d %d %.0f %.0f\n", tps / r, lat / n, n, f, srv / n, cli / n }'
+}
+
+# TPC-B and orders alternate in ROUNDS rounds of DURATION/ROUNDS seconds
+# each, so that load elsewhere on the machine, which drifts, weighs on both alike.
+round_s=$((DURATION / ROUNDS))
 declare -A tpcb orders
 for c in $CLIENTS; do
 	j=$((JOBS < c ? JOBS : c))
-	echo "==> TPC-B: pgbench -c $c -j $j -T $DURATION -M prepared (scale $SCALE)"
+	t_rounds=""
+	o_rounds=""
 	settle
-	tpcb[$c]=$(run_pgbench -c "$c" -j "$j" -T "$DURATION")
-	echo "    ${tpcb[$c]%% *} tps"
-	echo "==> orders: pgbench -n -c $c -j $j -T $DURATION -M prepared -f place_order.sql ($PRODUCTS products)"
-	settle
-	before=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
-	orders[$c]=$(run_pgbench -n -U bench_app -c "$c" -j "$j" -T "$DURATION" \
-		-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/place_order.sql")
-	after=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
-	read -r _ _ processed _ <<<"${orders[$c]}"
-	if [ $((after - before)) != "$processed" ]; then
-		echo "$((after - before)) order.created events for $processed pgbench transactions" >&2
-		exit 1
-	fi
-	echo "    ${orders[$c]%% *} tps ($((after - before)) orders placed)"
+	for ((r = 1; r <= ROUNDS; r++)); do
+		echo "==> round $r/$ROUNDS, TPC-B: pgbench -c $c -j $j -T $round_s -M prepared (scale $SCALE)"
+		res=$(run_pgbench -c "$c" -j "$j" -T "$round_s")
+		t_rounds+="$res"$'\n'
+		echo "    ${res%% *} tps"
+		echo "==> round $r/$ROUNDS, orders: pgbench -n -c $c -j $j -T $round_s -M prepared -f $SCRIPT ($PRODUCTS products)"
+		before=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
+		res=$(run_pgbench -n -U bench_app -c "$c" -j "$j" -T "$round_s" \
+			-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
+		after=$(psql_ -c "SELECT count(*) FROM eventshop.outbox WHERE event_type = 'order.created'")
+		read -r _ _ processed _ <<<"$res"
+		if [ $((after - before)) != "$processed" ]; then
+			echo "$((after - before)) order.created events for $processed pgbench transactions" >&2
+			exit 1
+		fi
+		o_rounds+="$res"$'\n'
+		echo "    ${res%% *} tps ($((after - before)) orders placed)"
+	done
+	tpcb[$c]=$(printf '%s' "$t_rounds" | combine)
+	orders[$c]=$(printf '%s' "$o_rounds" | combine)
 done
 
 echo
-echo "Order placement vs TPC-B: same cluster, $(nproc) CPUs, scale $SCALE ($PRODUCTS products), -M prepared, ${DURATION}s per run, synchronous_commit on"
+echo "Order placement vs TPC-B: same cluster, $(nproc) CPUs, scale $SCALE ($PRODUCTS products), -M prepared, ${DURATION}s each ($ROUNDS alternating rounds), synchronous_commit on"
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine lowers both rates; CPU per transaction hardly changes)"
 printf '%7s %7s | %9s %7s %8s %8s | %9s %7s %8s %8s | %6s %9s\n' clients threads \
 	'TPC-B tps' 'lat ms' 'srv us' 'cli us' 'order tps' 'lat ms' 'srv us' 'cli us' ratio 'CPU ratio'
@@ -192,7 +221,7 @@ for c in $CLIENTS; do
 		"$(awk -v a="$o_tps" -v b="$t_tps" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
 		"$(awk -v a="$o_srv" -v b="$o_cli" -v c="$t_srv" -v d="$t_cli" 'BEGIN { print (a + b > 0 ? (c + d) / (a + b) : 0) }')"
 done
-echo "ratio = order tps / TPC-B tps (target >= 1.0). An order transaction: authenticate (RS256 verify) + place_order of 3 items."
+echo "ratio = order tps / TPC-B tps (target >= 1.0). An order transaction ($SCRIPT): access token verified (RS256) + place_order of 3 items."
 echo "srv us / cli us = CPU microseconds per transaction of the whole cluster (backends, background processes, autovacuum)"
 echo "and of pgbench; CPU ratio = TPC-B CPU per transaction / order CPU per transaction (the ratio an idle, CPU-bound machine would approach)."
 
@@ -209,7 +238,7 @@ psql_ -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "ALTER SYSTEM SE
 sleep 1
 psql_ -c 'SELECT pg_stat_statements_reset()' >/dev/null
 profile=$(run_pgbench -n -U bench_app -c "$c" -j $((JOBS < c ? JOBS : c)) -T "$DURATION" \
-	-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/place_order.sql")
+	-D nproducts="$PRODUCTS" -D tok_ready=0 -f "$here/$SCRIPT")
 read -r p_tps _ p_n _ <<<"$profile"
 echo "    $p_tps tps with tracking on; per order transaction:"
 es_as_run_user env PGHOST="$PGHOST" PGPORT="$PGPORT" "$BENCH_BIN/psql" -d postgres -X -q -v ON_ERROR_STOP=1 -v n="$p_n" -P pager=off -f - <<'SQL'

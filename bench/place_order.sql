@@ -1,6 +1,8 @@
 -- place_order.sql: one customer order of 3 distinct random products
--- (quantity 1-3 each), as a client would place it: authenticate with the
--- access token it holds, then place the order, in one transaction.
+-- (quantity 1-3 each), placed as an application places it: one call of
+-- eventshop.place_order(access_token, items), which verifies the access
+-- token exactly as eventshop.authenticate does and places the order, in one
+-- round trip and one transaction (autocommit).
 -- Used by bench/orders_bench.sh with -M prepared (string variables are sent
 -- as parameters), -D nproducts=N (SKUs B0 .. B<N-1>) and -D tok_ready=0.
 -- Each pgbench client fetches its own pre-issued access token once, on its
@@ -18,10 +20,7 @@ SELECT access_token AS tok FROM bench_tokens WHERE client_id = :client_id \gset
 \set q1 random(1, 3)
 \set q2 random(1, 3)
 \set q3 random(1, 3)
-BEGIN;
-SELECT user_id FROM eventshop.authenticate(:tok);
-SELECT order_id, total_minor FROM eventshop.place_order(jsonb_build_array(
+SELECT order_id, total_minor FROM eventshop.place_order(:tok, jsonb_build_array(
 	jsonb_build_object('sku', 'B' || :p1::integer, 'quantity', :q1::integer),
 	jsonb_build_object('sku', 'B' || :p2::integer, 'quantity', :q2::integer),
 	jsonb_build_object('sku', 'B' || :p3::integer, 'quantity', :q3::integer)));
-END;

@@ -721,33 +721,13 @@ COMMENT ON FUNCTION eventshop.current_session_id() IS 'The session of the user t
 -- Raises 28000 unless authenticate established a caller in this transaction
 -- whose session is still live and whose account is not blocked (checked
 -- again on every call: a revocation committed elsewhere applies to the next
--- statement). Returns the user id. For every module's definer functions.
+-- statement). Returns the user id. For every module's definer functions
+-- (C, src/authenticate.c).
 CREATE FUNCTION eventshop._require_user()
 RETURNS uuid
-LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	v_user		uuid := eventshop.current_user_id();
-	v_session	uuid := eventshop.current_session_id();
-	v_now		timestamptz := clock_timestamp();
-BEGIN
-	IF v_user IS NULL THEN
-		RAISE EXCEPTION 'authentication required'
-			USING ERRCODE = 'invalid_authorization_specification',
-				  HINT = 'Call eventshop.authenticate(access_token) first in the same transaction.';
-	END IF;
-	PERFORM FROM eventshop.sessions s JOIN eventshop.users u ON u.id = s.user_id
-	WHERE s.id = v_session AND s.user_id = v_user AND s.revoked_at IS NULL
-	  AND s.expires_at > v_now AND u.blocked_at IS NULL;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'session has ended'
-			USING ERRCODE = 'invalid_authorization_specification',
-				  HINT = 'Log in again.';
-	END IF;
-	RETURN v_user;
-END
-$$;
+AS 'MODULE_PATHNAME', 'eventshop_require_user'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventshop._require_user() IS 'Internal: the authenticated user id; raises 28000 when there is none or its session ended since.';
 
 CREATE FUNCTION eventshop._require_admin()
@@ -1111,97 +1091,16 @@ COMMENT ON FUNCTION eventshop.refresh(text) IS 'Exchanges a refresh token for a 
 -- authenticate. Verifies the access token (signature with the key named by
 -- kid and that key's algorithm only: eventshop._jwt_verify), then every
 -- claim, then the session and the account in the current snapshot, and
--- establishes the caller for the rest of the transaction.
+-- establishes the caller for the rest of the transaction (C,
+-- src/authenticate.c: it runs before nearly every API call).
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION eventshop.authenticate(token text)
 RETURNS eventshop.caller
-LANGUAGE plpgsql
+AS 'MODULE_PATHNAME', 'eventshop_authenticate'
+LANGUAGE C VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET log_min_error_statement = panic
-AS $$
-DECLARE
-	v_claims	jsonb;
-	v_now		numeric;
-	v_aud		jsonb;
-	v_sub		uuid;
-	v_sid		uuid;
-	v_iat		numeric;
-	v_session	record;
-	v_uuid_re	constant text := '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$';
-	v_result	eventshop.caller;
-BEGIN
-	IF authenticate.token IS NULL THEN
-		PERFORM eventshop._invalid_token('No token was given.');
-	END IF;
-	v_claims := eventshop._jwt_verify(authenticate.token);
-	v_now := extract(epoch FROM clock_timestamp());
-
-	IF jsonb_typeof(v_claims->'iss') IS DISTINCT FROM 'string'
-	   OR v_claims->>'iss' <> current_setting('eventshop.jwt_issuer') THEN
-		PERFORM eventshop._invalid_token('The issuer (iss) is missing or wrong.');
-	END IF;
-	v_aud := v_claims->'aud';
-	IF NOT (jsonb_typeof(v_aud) = 'string' AND v_aud #>> '{}' = current_setting('eventshop.jwt_audience')
-			OR jsonb_typeof(v_aud) = 'array' AND v_aud @> jsonb_build_array(current_setting('eventshop.jwt_audience')))
-	   OR v_aud IS NULL THEN
-		PERFORM eventshop._invalid_token('The audience (aud) is missing or wrong.');
-	END IF;
-	IF jsonb_typeof(v_claims->'typ') IS DISTINCT FROM 'string' OR v_claims->>'typ' <> 'access' THEN
-		PERFORM eventshop._invalid_token('The token is not an access token (typ).');
-	END IF;
-	IF jsonb_typeof(v_claims->'exp') IS DISTINCT FROM 'number'
-	   OR jsonb_typeof(v_claims->'nbf') IS DISTINCT FROM 'number'
-	   OR jsonb_typeof(v_claims->'iat') IS DISTINCT FROM 'number' THEN
-		PERFORM eventshop._invalid_token('The time claims (exp, nbf, iat) must be numbers.');
-	END IF;
-	IF (v_claims->>'exp')::numeric <= v_now THEN
-		PERFORM eventshop._invalid_token('The token has expired.');
-	END IF;
-	IF (v_claims->>'nbf')::numeric > v_now THEN
-		PERFORM eventshop._invalid_token('The token is not valid yet (nbf).');
-	END IF;
-	v_iat := (v_claims->>'iat')::numeric;
-	IF v_iat > v_now THEN
-		PERFORM eventshop._invalid_token('The token was issued in the future (iat).');
-	END IF;
-	IF jsonb_typeof(v_claims->'jti') IS DISTINCT FROM 'string'
-	   OR octet_length(v_claims->>'jti') NOT BETWEEN 1 AND 128 THEN
-		PERFORM eventshop._invalid_token('The token id (jti) is missing.');
-	END IF;
-	IF jsonb_typeof(v_claims->'sub') IS DISTINCT FROM 'string' OR v_claims->>'sub' !~ v_uuid_re THEN
-		PERFORM eventshop._invalid_token('The subject (sub) is missing or not a user id.');
-	END IF;
-	IF jsonb_typeof(v_claims->'sid') IS DISTINCT FROM 'string' OR v_claims->>'sid' !~ v_uuid_re THEN
-		PERFORM eventshop._invalid_token('The session (sid) is missing or not a session id.');
-	END IF;
-	v_sub := (v_claims->>'sub')::uuid;
-	v_sid := (v_claims->>'sid')::uuid;
-
-	SELECT s.user_id, s.revoked_at, s.expires_at, u.roles, u.blocked_at, u.valid_after INTO v_session
-	FROM eventshop.sessions s JOIN eventshop.users u ON u.id = s.user_id
-	WHERE s.id = v_sid;
-	IF NOT FOUND OR v_session.user_id <> v_sub THEN
-		PERFORM eventshop._invalid_token('The session is unknown.');
-	END IF;
-	IF v_session.revoked_at IS NOT NULL OR v_session.expires_at <= clock_timestamp() THEN
-		PERFORM eventshop._invalid_token('The session has ended.');
-	END IF;
-	IF v_session.blocked_at IS NOT NULL THEN
-		PERFORM eventshop._invalid_token('The account is blocked.');
-	END IF;
-	-- second granularity, as iat: tokens issued in an earlier second are refused
-	IF v_iat < extract(epoch FROM date_trunc('second', v_session.valid_after)) THEN
-		PERFORM eventshop._invalid_token('The token was issued before the account''s credentials changed.');
-	END IF;
-
-	PERFORM eventshop._set_auth_context(v_sub, v_session.roles, v_sid);
-	v_result.user_id := v_sub;
-	v_result.roles := v_session.roles;
-	v_result.session_id := v_sid;
-	RETURN v_result;
-END
-$$;
+SET log_min_error_statement = panic;
 COMMENT ON FUNCTION eventshop.authenticate(text) IS 'Verifies an access token (signature, iss, aud, typ, exp, nbf, iat, jti, sub, sid; session live; account not blocked; iat not before the account''s valid_after) and establishes the caller for the rest of the transaction. Errors: 28000 invalid token (with a detail saying why).';
 
 -- ---------------------------------------------------------------------------
@@ -2412,106 +2311,29 @@ AS 'MODULE_PATHNAME', 'eventshop_parse_order_items'
 LANGUAGE C IMMUTABLE;
 COMMENT ON FUNCTION eventshop._parse_order_items(jsonb) IS 'Internal: validates the items of an order, [{"sku": ..., "quantity": 1..1000}] with no other key, 1 to 100 distinct SKUs, and returns them as aligned arrays. Errors: 22004 NULL, 22023 naming the first bad item.';
 
--- Places an order for the authenticated user: the inventory's "reserve".
--- Four statements: the caller's session, one that locks every product of the
--- order in id order and reads what the checks and the snapshot need, one that
--- reserves and writes the order with its lines, and the event. Generic plans:
--- these run for every order with arrays whose contents do not change the
--- best plan, so planning them again each time would be waste.
+-- Places an order for the authenticated user: the inventory's "reserve" (C,
+-- src/place_order.c: one statement locks every product of the order in id
+-- order, reserves the lines that can be served and returns what the checks
+-- and the snapshot need; one writes the order with its lines; then the
+-- event. Statements prepared once per backend). The two-argument form authenticates with an access token
+-- first (as eventshop.authenticate, establishing the caller for the rest of
+-- the transaction), so that an order takes one round trip.
 CREATE FUNCTION eventshop.place_order(items jsonb)
 RETURNS eventshop.order_summary
-LANGUAGE plpgsql
+AS 'MODULE_PATHNAME', 'eventshop_place_order'
+LANGUAGE C VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in id order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 28000 not authenticated.';
+
+CREATE FUNCTION eventshop.place_order(access_token text, items jsonb)
+RETURNS eventshop.order_summary
+AS 'MODULE_PATHNAME', 'eventshop_place_order_with_token'
+LANGUAGE C VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-	v_user			uuid := eventshop._require_user();
-	v_items			record;
-	v_lines			eventshop.order_line[];
-	v_ids			bigint[];
-	v_found			bigint;
-	v_currency		text;
-	v_currency_max	text;
-	v_total			numeric;
-	v_units			bigint;
-	v_active		boolean;
-	v_short			boolean;
-	v_sku			text;
-	v_available		integer;
-	v_event			uuid;
-	v_result		eventshop.order_summary;
-BEGIN
-	-- Only sku and quantity are accepted: a price or a stock level sent by
-	-- the client is refused, never used or silently dropped.
-	v_items := eventshop._parse_order_items(items);
-
-	-- The products, locked in product-id order in this one statement, so
-	-- that concurrent orders queue up on their first common product instead
-	-- of deadlocking. The aggregates run in one Agg node over one input, so
-	-- the arrays stay aligned.
-	SELECT array_agg(ROW(l.id, l.sku, l.title, l.category, l.price_minor, l.quantity)::eventshop.order_line),
-		   array_agg(l.id), count(*), min(l.currency), max(l.currency),
-		   sum(l.price_minor * l.quantity), sum(l.quantity), bool_and(l.active), bool_or(l.available < l.quantity)
-	INTO v_lines, v_ids, v_found, v_currency, v_currency_max, v_total, v_units, v_active, v_short
-	FROM (SELECT p.id, p.sku, p.title, p.category, p.price_minor, p.currency, p.active,
-				 p.stock_on_hand - p.reserved AS available,
-				 v_items.quantities[array_position(v_items.skus, p.sku::text)] AS quantity
-		  FROM eventshop.products p
-		  WHERE p.sku = ANY (v_items.skus)
-		  ORDER BY p.id
-		  FOR NO KEY UPDATE) l;
-
-	-- What is wrong, reported for the first item in the client's order.
-	IF v_found < cardinality(v_items.skus) THEN
-		SELECT u.sku INTO v_sku FROM unnest(v_items.skus) WITH ORDINALITY AS u(sku, n)
-		WHERE NOT EXISTS (SELECT FROM eventshop.products p WHERE p.sku = u.sku) ORDER BY u.n LIMIT 1;
-		RAISE EXCEPTION 'unknown SKU "%"', v_sku USING ERRCODE = 'no_data_found';
-	END IF;
-	IF NOT v_active THEN
-		SELECT u.sku INTO v_sku FROM unnest(v_items.skus) WITH ORDINALITY AS u(sku, n)
-		JOIN eventshop.products p ON p.sku = u.sku WHERE NOT p.active ORDER BY u.n LIMIT 1;
-		RAISE EXCEPTION 'product "%" is not for sale', v_sku USING ERRCODE = 'object_not_in_prerequisite_state';
-	END IF;
-	IF v_currency <> v_currency_max THEN
-		RAISE EXCEPTION 'an order cannot mix currencies' USING ERRCODE = 'invalid_parameter_value',
-			HINT = 'Place one order per currency.';
-	END IF;
-	IF v_short THEN
-		SELECT u.sku, p.stock_on_hand - p.reserved INTO v_sku, v_available
-		FROM unnest(v_items.skus, v_items.quantities) WITH ORDINALITY AS u(sku, quantity, n)
-		JOIN eventshop.products p ON p.sku = u.sku
-		WHERE p.stock_on_hand - p.reserved < u.quantity ORDER BY u.n LIMIT 1;
-		RAISE EXCEPTION 'insufficient stock for SKU "%"', v_sku USING ERRCODE = 'check_violation',
-			DETAIL = format('Requested %s, available %s.',
-							v_items.quantities[array_position(v_items.skus, v_sku)], v_available);
-	END IF;
-
-	v_result := (eventshop._uuid_v7(), 'reserved', v_currency, v_total, v_found,
-				 now() + current_setting('eventshop.reservation_ttl')::interval)::eventshop.order_summary;
-	WITH reserve AS (
-		UPDATE eventshop.products p SET reserved = p.reserved + l.quantity
-		FROM unnest(v_lines) AS l
-		WHERE p.id = ANY (v_ids) AND p.id = l.product_id		-- ANY: a primary-key lookup in any plan
-	), ord AS (
-		INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor, item_count, unit_count,
-									  created_at, reserved_until, updated_at)
-		VALUES (v_result.order_id, v_user, 'reserved', v_currency, v_result.total_minor, v_found, v_units,
-				now(), v_result.reserved_until, now())
-	)
-	INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category, unit_price_minor, quantity)
-	SELECT v_result.order_id, l.product_id, l.sku, l.title, l.category, l.unit_price_minor, l.quantity
-	FROM unnest(v_lines) AS l;
-
-	-- an assignment, not PERFORM: evaluated as a simple expression, without an executor run
-	v_event := eventshop._emit_event('orders.events', v_result.order_id::text, 'order.created',
-		jsonb_build_object('order_id', v_result.order_id, 'user_id', v_user, 'status', 'reserved',
-						   'currency', v_currency, 'total_minor', v_result.total_minor, 'item_count', v_found,
-						   'unit_count', v_units, 'reserved_until', v_result.reserved_until));
-	RETURN v_result;
-END
-$$;
-COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in id order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 28000 not authenticated.';
+SET log_min_error_statement = panic;
+COMMENT ON FUNCTION eventshop.place_order(text, jsonb) IS 'eventshop.authenticate(access_token) and eventshop.place_order(items) in one call (one round trip): verifies the token exactly as authenticate does, establishes the caller for the rest of the transaction, then places the order. Errors: those of authenticate (28000 invalid token), then those of place_order(jsonb).';
 
 CREATE FUNCTION eventshop.cancel_order(order_id uuid)
 RETURNS eventshop.order_summary
@@ -4211,7 +4033,7 @@ GRANT EXECUTE ON FUNCTION
 	eventshop.search_products(text, text, integer, text),
 	eventshop.cart_add(text, integer), eventshop.cart_set_quantity(text, integer), eventshop.cart_remove(text),
 	eventshop.cart_clear(), eventshop.cart_view(), eventshop.checkout(),
-	eventshop.place_order(jsonb), eventshop.cancel_order(uuid), eventshop.get_order(uuid),
+	eventshop.place_order(jsonb), eventshop.place_order(text, jsonb), eventshop.cancel_order(uuid), eventshop.get_order(uuid),
 	eventshop.list_orders(text, boolean, integer, text),
 	eventshop.sales_by_day(date, date), eventshop.sales_by_category(date, date)
 	TO eventshop_app, eventshop_admin;

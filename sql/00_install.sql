@@ -101,6 +101,7 @@ SELECT set_eq($$SELECT p.oid::regprocedure::text FROM pg_proc p
                     'eventshop.search_products(text,text,integer,text)',
                     'eventshop.expire_reservations(integer)',
                     'eventshop.place_order(jsonb)',
+                    'eventshop.place_order(text,jsonb)',
                     'eventshop.cancel_order(uuid)',
                     'eventshop.get_order(uuid)',
                     'eventshop.list_orders(text,boolean,integer,text)',

@@ -14,7 +14,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(279);
+SELECT plan(293);
 
 CREATE ROLE regress_orders_app NOLOGIN IN ROLE eventshop_app;
 CREATE ROLE regress_orders_gw NOLOGIN IN ROLE eventshop_gateway;
@@ -768,6 +768,49 @@ SET ROLE regress_orders_app;
 SELECT throws_ok($$SELECT eventshop.verify_webhook_signature('x', 't=1,v1=00', 'k')$$, '42501',
                  'permission denied for function verify_webhook_signature', 'the webhook check is for the gateway, not applications');
 RESET ROLE;
+
+-- ---------------------------------------------------------------------------
+-- place_order(access_token, items): authenticate and place in one call
+-- ---------------------------------------------------------------------------
+SET ROLE regress_orders_app;
+BEGIN;
+SELECT (eventshop.authenticate(:'admin')).user_id IS NOT NULL AS ok \gset
+SELECT eventshop.create_product('ONE-CALL-1', 'One-call lamp', 700, 'EUR', 10, 'kitchen') IS NOT NULL AS ok \gset
+COMMIT;
+SELECT regress_orders.outbox_count() AS events_before \gset
+SELECT * FROM eventshop.place_order(:'alice', '[{"sku": "ONE-CALL-1", "quantity": 2}]') \gset o3_
+SELECT is(:'o3_status' || ' ' || :'o3_currency' || ' ' || :'o3_total_minor' || ' ' || :'o3_item_count', 'reserved EUR 1400 1',
+          'place_order(access_token, items) places the order in one call, outside any explicit transaction');
+SELECT is(regress_orders.stock('ONE-CALL-1') || ', events +' || (regress_orders.outbox_count() - :events_before), '10/2, events +1',
+          'and reserves its units and emits one event in the same transaction');
+RESET ROLE;
+SELECT results_eq(format($$SELECT o.user_id::text, e.event_type, e.payload->'data'->>'user_id'
+                           FROM eventshop.orders o JOIN eventshop.outbox e ON e.message_key = o.id::text WHERE o.id = %L$$, :'o3_order_id'),
+                  format($$VALUES (%L, 'order.created', %L)$$, :'alice_id', :'alice_id'),
+                  'the order and its order.created event belong to the token''s user');
+SET ROLE regress_orders_app;
+BEGIN;
+SELECT order_id AS o4_id FROM eventshop.place_order(:'bob', '[{"sku": "ONE-CALL-1", "quantity": 1}]') \gset
+SELECT ok(EXISTS (SELECT FROM eventshop.list_orders() l WHERE l.order_id = :'o4_id'),
+          'place_order(access_token, items) establishes the caller for the rest of the transaction (list_orders shows the order)');
+SELECT is(eventshop.current_user_id()::text, :'bob_id', 'the caller it establishes is the token''s user');
+ROLLBACK;
+SELECT regress_orders.row_counts() AS counts_before \gset
+SELECT throws_ok(format('SELECT eventshop.place_order(%L, %L)', t, i), e, m, 'place_order(access_token, items) refuses ' || d)
+FROM (VALUES
+	(NULL::text, '[{"sku": "ONE-CALL-1", "quantity": 1}]', '28000', 'invalid token', 'a NULL token'),
+	('not-a-token', '[{"sku": "ONE-CALL-1", "quantity": 1}]', '28000', 'invalid token', 'a malformed token'),
+	(left(:'alice', -4) || CASE WHEN right(:'alice', 4) = 'AAAA' THEN 'BBBB' ELSE 'AAAA' END,
+	 '[{"sku": "ONE-CALL-1", "quantity": 1}]', '28000', 'invalid token', 'a token with a forged signature'),
+	('not-a-token', '[]', '28000', 'invalid token', 'a bad token before looking at the items'),
+	(:'bob', '[]', '22023', 'an order needs at least one item', 'an empty order (valid token)'),
+	(:'bob', '[{"sku": "NOPE-9", "quantity": 1}]', 'P0002', 'unknown SKU "NOPE-9"', 'an unknown SKU (valid token)'),
+	(:'bob', '[{"sku": "ONE-CALL-1", "quantity": 9}]', '23514', 'insufficient stock for SKU "ONE-CALL-1"', 'more than the stock (valid token)')
+) AS v(t, i, e, m, d);
+SELECT is(eventshop.current_user_id(), NULL, 'a refused call leaves no caller behind');
+RESET ROLE;
+SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/2',
+          'the refused calls wrote nothing, reserved nothing and emitted no event');
 
 -- ---------------------------------------------------------------------------
 -- Privileges of the new roles and internal functions

@@ -28,6 +28,8 @@
 #include "utils/memutils.h"
 #include "utils/uuid.h"
 
+#include "auth_context.h"
+
 typedef struct EsAuthFrame
 {
 	struct EsAuthFrame *prev;	/* the context this one replaced */
@@ -67,6 +69,24 @@ eventshop_set_auth_context(PG_FUNCTION_ARGS)
 				 errmsg("roles must be a one-dimensional text array without NULLs")));
 	es_auth_push(true, user_id, session_id, roles);
 	PG_RETURN_VOID();
+}
+
+/* Establishes the caller from C (authenticate); roles must be a text[] without NULLs. */
+void
+es_auth_set(pg_uuid_t *user_id, ArrayType *roles, pg_uuid_t *session_id)
+{
+	es_auth_push(true, user_id, session_id, roles);
+}
+
+/* Whether a caller is established; if so, fills in its user and session. */
+bool
+es_auth_current(pg_uuid_t *user_id, pg_uuid_t *session_id)
+{
+	if (es_auth == NULL || !es_auth->authenticated)
+		return false;
+	*user_id = es_auth->user_id;
+	*session_id = es_auth->session_id;
+	return true;
 }
 
 /* Forgets the caller for the rest of the transaction (after logging out); internal. */

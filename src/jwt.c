@@ -61,7 +61,6 @@ typedef struct EsJsonState
 	const char *part;			/* "header" or "payload", for details */
 } EsJsonState;
 
-static void es_invalid_token(const char *fmt,...) pg_attribute_printf(1, 2) pg_attribute_noreturn();
 static JsonbValue *es_parse_object(char *json, int len, const char *part);
 static void es_json_object_start(void *state);
 static void es_json_object_end(void *state);
@@ -77,7 +76,7 @@ static bool es_verify_signature(EsKey *key, const char *input, size_t inputlen,
 								const uint8 *sig, size_t siglen);
 
 /* Raises the one error every verification failure produces: 28000 "invalid token". */
-static void
+void
 es_invalid_token(const char *fmt,...)
 {
 	char		detail[256];
@@ -345,8 +344,18 @@ Datum
 eventshop_jwt_verify(PG_FUNCTION_ARGS)
 {
 	text	   *token;
-	const char *tok;
-	size_t		len;
+
+	/* 1. presence (not STRICT: a NULL token must not become a NULL "success") */
+	if (PG_ARGISNULL(0))
+		es_invalid_token("The token is missing.");
+	token = PG_GETARG_TEXT_PP(0);
+	PG_RETURN_JSONB_P(JsonbValueToJsonb(es_jwt_verify(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token))));
+}
+
+/* Verifies a compact JWS (checks 1-7 of the file header) and returns its claims object. */
+JsonbValue *
+es_jwt_verify(const char *tok, size_t len)
+{
 	const char *dot[2] = {NULL, NULL};
 	int			ndots = 0;
 	size_t		i;
@@ -369,12 +378,7 @@ eventshop_jwt_verify(PG_FUNCTION_ARGS)
 	EsKeyStatus status;
 	EsKey	   *key;
 
-	/* 1. presence (not STRICT: a NULL token must not become a NULL "success"), size, charset, shape */
-	if (PG_ARGISNULL(0))
-		es_invalid_token("The token is missing.");
-	token = PG_GETARG_TEXT_PP(0);
-	tok = VARDATA_ANY(token);
-	len = VARSIZE_ANY_EXHDR(token);
+	/* 1. size, charset, shape */
 	if (len > ES_JWT_MAX_LEN)
 		es_invalid_token("The token is longer than %d bytes.", ES_JWT_MAX_LEN);
 	for (i = 0; i < len; i++)
@@ -486,7 +490,7 @@ eventshop_jwt_verify(PG_FUNCTION_ARGS)
 
 	/* 7. payload */
 	payload = es_parse_object(pbuf, (int) plen, "payload");
-	PG_RETURN_JSONB_P(JsonbValueToJsonb(payload));
+	return payload;
 }
 
 /* Appends a JSON string literal, escaping as RFC 8259 requires. */

@@ -45,6 +45,7 @@
 #include "config.h"
 #include "crypto_util.h"
 #include "key_store.h"
+#include "spi_util.h"
 
 #define ES_KEY_CACHE_SIZE	32
 #define ES_SEAL_VERSION		0x01
@@ -73,7 +74,6 @@ static SPIPlanPtr es_plan_jwk = NULL;
 static SPIPlanPtr es_plan_active = NULL;
 static SPIPlanPtr es_plan_sealed = NULL;
 
-static SPIPlanPtr es_keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
 static EsKey *es_cache_find(const char *kid);
 static EsKey *es_cache_insert(const char *kid, int alg);
 static void es_cache_free_private(EsKey *key);
@@ -108,24 +108,6 @@ static const char *
 es_kty(int alg)
 {
 	return alg == ES_JWT_RS256 ? "RSA" : alg == ES_JWT_ES256 ? "EC" : "OKP";
-}
-
-/* Prepares a statement once per backend and keeps it, so lookups skip parsing and planning. */
-static SPIPlanPtr
-es_keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*slot == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for signing key lookup: %s",
-				 SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed for signing key lookup");
-		*slot = plan;
-	}
-	return *slot;
 }
 
 /* Finds a cached key by kid. */

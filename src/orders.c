@@ -1,7 +1,8 @@
 /*
  * orders.c
  *		C helpers of the orders module: time-ordered order ids and the
- *		validation of the items a client sends with an order.
+ *		validation of the items a client sends with an order (also used by
+ *		place_order.c).
  *
  * Order ids are UUIDv7 (RFC 9562): 48 bits of Unix time in milliseconds,
  * then the version, then 74 random bits from OpenSSL's CSPRNG. New orders
@@ -27,6 +28,7 @@
 #include "utils/uuid.h"
 
 #include "crypto_util.h"
+#include "orders.h"
 
 /* The bad-input caps of the issue: lines per order, units per line. */
 #define ES_ORDER_MAX_LINES		100
@@ -44,11 +46,20 @@ Datum
 eventshop_uuid_v7(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t  *uuid = palloc(sizeof(pg_uuid_t));
+
+	(void) fcinfo;
+	es_uuid_v7(uuid);
+	PG_RETURN_UUID_P(uuid);
+}
+
+/* Fills in a new UUIDv7 for the current time. */
+void
+es_uuid_v7(pg_uuid_t *uuid)
+{
 	TimestampTz now = GetCurrentTimestamp();
 	uint64		unix_ms;
 	int			i;
 
-	(void) fcinfo;
 	unix_ms = (uint64) (now / 1000) +
 		(uint64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
 	for (i = 0; i < 6; i++)
@@ -56,7 +67,6 @@ eventshop_uuid_v7(PG_FUNCTION_ARGS)
 	es_random_bytes(uuid->data + 6, UUID_LEN - 6);
 	uuid->data[6] = (uuid->data[6] & 0x0F) | 0x70;	/* version 7 */
 	uuid->data[8] = (uuid->data[8] & 0x3F) | 0x80;	/* RFC 9562 variant */
-	PG_RETURN_UUID_P(uuid);
 }
 
 /*
@@ -74,20 +84,38 @@ eventshop_uuid_v7(PG_FUNCTION_ARGS)
 Datum
 eventshop_parse_order_items(PG_FUNCTION_ARGS)
 {
-	Jsonb	   *items;
 	int			n;
-	int			i;
 	Datum	   *skus;
 	Datum	   *quantities;
 	TupleDesc	tupdesc;
 	Datum		values[2];
 	bool		nulls[2] = {false, false};
 
-	if (PG_ARGISNULL(0))
+	n = es_parse_order_items(PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0), &skus, &quantities);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "_parse_order_items must return a record");
+	values[0] = PointerGetDatum(construct_array(skus, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[1] = PointerGetDatum(construct_array(quantities, n, INT4OID, 4, true, TYPALIGN_INT));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * The checks of _parse_order_items, for C callers: items (NULL when SQL
+ * NULL) as *skus (text Datums) and *quantities (int4 Datums), in the
+ * client's order; returns the number of lines.
+ */
+int
+es_parse_order_items(Jsonb *items, Datum **skus_out, Datum **quantities_out)
+{
+	int			n;
+	int			i;
+	Datum	   *skus;
+	Datum	   *quantities;
+
+	if (items == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("items are required")));
-	items = PG_GETARG_JSONB_P(0);
 	if (!JB_ROOT_IS_ARRAY(items) || JB_ROOT_IS_SCALAR(items))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -163,12 +191,9 @@ eventshop_parse_order_items(PG_FUNCTION_ARGS)
 		skus[i] = PointerGetDatum(cstring_to_text_with_len(sku->val.string.val, sku->val.string.len));
 		quantities[i] = Int32GetDatum(quantity);
 	}
-
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "_parse_order_items must return a record");
-	values[0] = PointerGetDatum(construct_array(skus, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[1] = PointerGetDatum(construct_array(quantities, n, INT4OID, 4, true, TYPALIGN_INT));
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+	*skus_out = skus;
+	*quantities_out = quantities;
+	return n;
 }
 
 /* Raises 22023 for item i (0-based) with a reason, because every item error reads the same way. */

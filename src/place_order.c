@@ -1,0 +1,368 @@
+/*
+ * place_order.c
+ *		eventshop.place_order(items) and eventshop.place_order(access_token,
+ *		items): the inventory's "reserve", in C with statements prepared once
+ *		per backend, because it runs for every order.
+ *
+ * An order is two statements and a function call, all in the caller's
+ * transaction:
+ *
+ *   1. reserve: every product of the order is locked FOR NO KEY UPDATE in
+ *      product-id order (a materialized CTE, so concurrent orders queue up
+ *      on their first common product instead of deadlocking, and nothing
+ *      can change the stock, price or state read under the lock), then
+ *      reserved by the same statement wherever the line can be served
+ *      (active, available >= quantity; otherwise by 0), returning what the
+ *      checks and the snapshot need as read under the lock;
+ *   2. write: the order and its lines in one statement, the lines' SKU,
+ *      title, category and price snapshotted from the product rows this
+ *      transaction holds locked;
+ *   3. event: order.created through eventshop._emit_event (called directly,
+ *      its data built in C).
+ *
+ * Between 1 and 2 the checks run in C over the locked rows, each refusal
+ * naming the first offending item in the client's order: unknown SKU
+ * (P0002), not for sale (55000), mixed currencies (22023), insufficient
+ * stock (23514, with requested and available units). A refusal is an
+ * ERROR, which undoes the reservations of step 1 with the rest of the
+ * statement: an order is written whole or not at all. The products' CHECK
+ * (reserved <= stock_on_hand) is the last line of defence against
+ * overselling; step 1 never adds units that would break it.
+ *
+ * The two-argument form authenticates first (src/authenticate.c) and
+ * establishes the caller for the rest of the transaction exactly as
+ * eventshop.authenticate does, so an application places an order in one
+ * round trip; the session check of that same call stands in for
+ * _require_user's.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "authenticate.h"
+#include "orders.h"
+#include "spi_util.h"
+
+PG_FUNCTION_INFO_V1(eventshop_place_order);
+PG_FUNCTION_INFO_V1(eventshop_place_order_with_token);
+
+/* One locked product, in product-id order. */
+typedef struct EsOrderLine
+{
+	int64		product_id;
+	char	   *sku;
+	int64		price_minor;
+	char	   *currency;
+	bool		active;
+	int32		available;
+	int32		quantity;		/* what the client asked for */
+} EsOrderLine;
+
+static SPIPlanPtr es_plan_lock = NULL;
+static SPIPlanPtr es_plan_write = NULL;
+
+static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
+static void es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
+								  int64 total, int32 item_count, int64 unit_count, Datum reserved_until);
+static void es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value);
+static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
+static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
+
+/* place_order(items jsonb) -> order_summary, for the caller authenticate established. */
+Datum
+eventshop_place_order(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t	user_id;
+
+	es_require_user(&user_id);
+	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0));
+}
+
+/* place_order(access_token text, items jsonb) -> order_summary: authenticate, then place. */
+Datum
+eventshop_place_order_with_token(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t	user_id;
+	pg_uuid_t	session_id;
+
+	(void) es_authenticate(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0), &user_id, &session_id);
+	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1));
+}
+
+/* Places the order (see the file header) and returns its summary. */
+static Datum
+es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Datum	   *skus;
+	Datum	   *quantities;
+	int			n;
+	EsOrderLine *lines;
+	int		   *line_of;		/* item (client's order) -> line, -1: unknown */
+	int			nlines;
+	int64		total = 0;
+	int64		units = 0;
+	pg_uuid_t  *order_id;
+	Datum		reserved_until;
+	char	   *currency;
+	TupleDesc	tupdesc;
+	Datum		values[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+	Oid			lock_types[2] = {TEXTARRAYOID, INT4ARRAYOID};
+	Oid			write_types[9] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
+		INT8ARRAYOID, INT4ARRAYOID};
+	Datum		args[9];
+	Datum	   *ids;
+	Datum	   *qtys;
+
+	/* Only sku and quantity are accepted: a price or stock sent by the client is refused. */
+	n = es_parse_order_items(items, &skus, &quantities);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/* 1. lock, then reserve where the line can be served, and read */
+	args[0] = es_array(skus, NULL, n, TEXTOID);
+	args[1] = es_array(quantities, NULL, n, INT4OID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_lock,
+									  "WITH l AS MATERIALIZED ("
+									  " SELECT p.id, p.active, p.stock_on_hand - p.reserved AS available"
+									  " FROM eventshop.products p WHERE p.sku = ANY ($1)"
+									  " ORDER BY p.id FOR NO KEY UPDATE"
+									  ") "
+									  "UPDATE eventshop.products p SET reserved = p.reserved +"
+									  " CASE WHEN l.active AND l.available >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
+									  " THEN ($2)[pg_catalog.array_position($1, p.sku::text)] ELSE 0 END "
+									  "FROM l WHERE p.id = l.id "
+									  "RETURNING p.id, p.sku::text, p.price_minor::bigint,"
+									  " p.currency::text, l.active, l.available",
+									  2, lock_types),
+						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "reserving the products of an order failed");
+	nlines = (int) SPI_processed;
+	lines = palloc(sizeof(EsOrderLine) * (nlines > 0 ? nlines : 1));
+	line_of = palloc(sizeof(int) * n);
+	for (int i = 0; i < n; i++)
+		line_of[i] = -1;
+	for (int r = 0; r < nlines; r++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		EsOrderLine *l = &lines[r];
+		bool		isnull;
+
+		l->product_id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		l->sku = es_text_column(tuple, desc, 2);
+		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 3, &isnull));
+		l->currency = es_text_column(tuple, desc, 4);
+		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 5, &isnull));
+		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
+		l->quantity = 0;
+		for (int i = 0; i < n; i++)
+		{
+			if (strcmp(TextDatumGetCString(skus[i]), l->sku) == 0)
+			{
+				line_of[i] = r;
+				l->quantity = DatumGetInt32(quantities[i]);
+				break;
+			}
+		}
+	}
+
+	/* What is wrong, reported for the first item in the client's order. */
+	for (int i = 0; i < n; i++)
+		if (line_of[i] < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
+	for (int i = 0; i < n; i++)
+		if (!lines[line_of[i]].active)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
+	for (int r = 1; r < nlines; r++)
+		if (strcmp(lines[r].currency, lines[0].currency) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("an order cannot mix currencies"),
+					 errhint("Place one order per currency.")));
+	for (int i = 0; i < n; i++)
+	{
+		EsOrderLine *l = &lines[line_of[i]];
+
+		if (l->available < l->quantity)
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("insufficient stock for SKU \"%s\"", l->sku),
+					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
+	}
+
+	/* 2. the order and its lines */
+	ids = palloc(sizeof(Datum) * nlines);
+	qtys = palloc(sizeof(Datum) * nlines);
+	for (int r = 0; r < nlines; r++)
+	{
+		EsOrderLine *l = &lines[r];
+
+		/* at most 100 lines of 1000 units at 10^12 each: far inside int64 */
+		total += l->price_minor * l->quantity;
+		units += l->quantity;
+		ids[r] = Int64GetDatum(l->product_id);
+		qtys[r] = Int32GetDatum(l->quantity);
+	}
+	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
+	es_uuid_v7(order_id);
+	/* now() + current_setting('eventshop.reservation_ttl')::interval */
+	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
+										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
+										 DirectFunctionCall3(interval_in,
+															 CStringGetDatum(GetConfigOptionByName("eventshop.reservation_ttl", NULL, false)),
+															 ObjectIdGetDatum(InvalidOid),
+															 Int32GetDatum(-1)));
+	args[0] = UUIDPGetDatum(order_id);
+	args[1] = UUIDPGetDatum(user_id);
+	args[2] = CStringGetTextDatum(lines[0].currency);
+	args[3] = Int64GetDatum(total);
+	args[4] = Int32GetDatum(nlines);
+	args[5] = Int32GetDatum((int32) units);
+	args[6] = reserved_until;
+	args[7] = es_array(ids, NULL, nlines, INT8OID);
+	args[8] = es_array(qtys, NULL, nlines, INT4OID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_write,
+									  "WITH ord AS ("
+									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
+									  " item_count, unit_count, created_at, reserved_until, updated_at)"
+									  " VALUES ($1, $2, 'reserved', $3, $4, $5, $6, pg_catalog.now(), $7, pg_catalog.now())"
+									  ") "
+									  "INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category,"
+									  " unit_price_minor, quantity) "
+									  "SELECT $1, p.id, p.sku, p.title, p.category, p.price_minor,"
+									  " ($9)[pg_catalog.array_position($8, p.id)]"
+									  " FROM eventshop.products p WHERE p.id = ANY ($8)",
+									  9, write_types),
+						 args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "writing an order failed");
+
+	/* 3. the event, in the same transaction */
+	es_emit_order_created(order_id, user_id, lines[0].currency, total, nlines, units, reserved_until);
+
+	currency = MemoryContextStrdup(caller_cxt, lines[0].currency);
+	SPI_finish();
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "place_order must return a composite");
+	values[0] = UUIDPGetDatum(order_id);
+	values[1] = CStringGetTextDatum("reserved");
+	values[2] = CStringGetTextDatum(currency);
+	values[3] = Int64GetDatum(total);
+	values[4] = Int32GetDatum(nlines);
+	values[5] = reserved_until;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * Emits order.created through eventshop._emit_event, called directly rather
+ * than through a statement: the data is what jsonb_build_object would make
+ * of order_id, user_id, status, currency, total_minor, item_count,
+ * unit_count and reserved_until.
+ */
+static void
+es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
+					  int64 total, int32 item_count, int64 unit_count, Datum reserved_until)
+{
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID};
+	Oid			emit;
+	char	   *order_str = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(order_id)));
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	JsonbValue *data;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	v.type = jbvString;
+	v.val.string.val = order_str;
+	v.val.string.len = strlen(order_str);
+	es_push_pair(&state, "order_id", &v);
+	v.val.string.val = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(user_id)));
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "user_id", &v);
+	v.val.string.val = "reserved";
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "status", &v);
+	v.val.string.val = (char *) currency;
+	v.val.string.len = strlen(currency);
+	es_push_pair(&state, "currency", &v);
+	v.val.string.val = JsonEncodeDateTime(NULL, reserved_until, TIMESTAMPTZOID, NULL);
+	v.val.string.len = strlen(v.val.string.val);
+	es_push_pair(&state, "reserved_until", &v);
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(total);
+	es_push_pair(&state, "total_minor", &v);
+	v.val.numeric = int64_to_numeric(item_count);
+	es_push_pair(&state, "item_count", &v);
+	v.val.numeric = int64_to_numeric(unit_count);
+	es_push_pair(&state, "unit_count", &v);
+	data = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+
+	/* looked up per call (a syscache hit), so a re-created extension is found */
+	emit = LookupFuncName(list_make2(makeString("eventshop"), makeString("_emit_event")), 4, argtypes, false);
+	if (pg_proc_aclcheck(emit, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		aclcheck_error(ACLCHECK_NO_PRIV, OBJECT_FUNCTION, "eventshop._emit_event");
+	(void) OidFunctionCall4(emit, CStringGetTextDatum("orders.events"), CStringGetTextDatum(order_str),
+							CStringGetTextDatum("order.created"), JsonbPGetDatum(JsonbValueToJsonb(data)));
+}
+
+/* Adds "key": value to the object being built. */
+static void
+es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &k);
+	pushJsonbValue(state, WJB_VALUE, value);
+}
+
+/* A text column of an SPI result as a C string in the current context, NULL for SQL NULL. */
+static char *
+es_text_column(HeapTuple tuple, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* A one-dimensional array of n elements of a built-in type (nulls may be NULL: none). */
+static Datum
+es_array(Datum *elems, bool *nulls, int n, Oid type)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, typbyval, typalign));
+}
