@@ -5,8 +5,11 @@
  *		murmur2_random, linger.ms=1) and messages shaped like outbox events
  *		(CloudEvents JSON value, a user-id key, ce_id/ce_type headers).
  *
- *	usage: raw_producer BOOTSTRAP TOPIC COUNT VALUE_BYTES
- *	prints: messages per second, from the first produce to the last ack.
+ *	usage: raw_producer BOOTSTRAP TOPIC COUNT VALUE_BYTES [RATE]
+ *	prints: messages per second, from the first produce to the last ack;
+ *	with RATE, produces RATE messages a second instead (one at a time,
+ *	like a stream of single-event commits) and prints the
+ *	produce-to-acknowledgement latency: "p50_ms p99_ms".
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +19,17 @@
 
 static long acked = 0;
 static long failed = 0;
+static double *latencies = NULL;	/* rate mode: ms from produce to ack */
+static long nlatencies = 0;
+
+static double
+now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
 
 static void
 on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
@@ -26,15 +40,20 @@ on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 		failed++;
 	else
 		acked++;
+	if (latencies != NULL && msg->_private != NULL)
+	{
+		latencies[nlatencies++] = (now_seconds() - *(double *) msg->_private) * 1000.0;
+		free(msg->_private);
+	}
 }
 
-static double
-now_seconds(void)
+static int
+compare_doubles(const void *a, const void *b)
 {
-	struct timespec ts;
+	double		x = *(const double *) a,
+				y = *(const double *) b;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
+	return (x > y) - (x < y);
 }
 
 static void
@@ -61,10 +80,17 @@ main(int argc, char **argv)
 	char	   *value;
 	double		start;
 
-	if (argc != 5)
+	double		rate = 0;
+
+	if (argc != 5 && argc != 6)
 	{
-		fprintf(stderr, "usage: %s BOOTSTRAP TOPIC COUNT VALUE_BYTES\n", argv[0]);
+		fprintf(stderr, "usage: %s BOOTSTRAP TOPIC COUNT VALUE_BYTES [RATE]\n", argv[0]);
 		return 2;
+	}
+	if (argc == 6)
+	{
+		rate = atof(argv[5]);
+		latencies = calloc(atol(argv[3]), sizeof(double));
 	}
 	count = atol(argv[3]);
 	value_bytes = atoi(argv[4]);
@@ -77,6 +103,7 @@ main(int argc, char **argv)
 	set(conf, "enable.idempotence", "true");
 	set(conf, "partitioner", "murmur2_random");
 	set(conf, "linger.ms", "1");
+	set(conf, "socket.nagle.disable", "true");
 	set(conf, "batch.num.messages", "10000");
 	set(conf, "queue.buffering.max.messages", "200000");
 	set(conf, "queue.buffering.max.kbytes", "1048576");
@@ -95,6 +122,16 @@ main(int argc, char **argv)
 		char		key[64];
 		char		id[64];
 
+		double	   *sent_at = NULL;
+
+		if (rate > 0)
+		{
+			/* steady pace: wait for this message's slot, serving reports meanwhile */
+			while (now_seconds() < start + i / rate)
+				rd_kafka_poll(rk, 1);
+			sent_at = malloc(sizeof(double));
+			*sent_at = now_seconds();
+		}
 		snprintf(key, sizeof(key), "00000000-0000-4000-8000-%012ld", i % 10000);
 		snprintf(id, sizeof(id), "10000000-0000-4000-8000-%012ld", i);
 		while (rd_kafka_producev(rk, RD_KAFKA_V_RKT(rkt),
@@ -103,12 +140,19 @@ main(int argc, char **argv)
 								 RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 								 RD_KAFKA_V_HEADER("ce_id", id, -1),
 								 RD_KAFKA_V_HEADER("ce_type", "order.created", -1),
+								 RD_KAFKA_V_OPAQUE(sent_at),
 								 RD_KAFKA_V_END) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			rd_kafka_poll(rk, 10);
 		rd_kafka_poll(rk, 0);
 	}
 	rd_kafka_flush(rk, 60000);
-	printf("%.0f\n", count / (now_seconds() - start));
+	if (rate > 0 && nlatencies > 0)
+	{
+		qsort(latencies, nlatencies, sizeof(double), compare_doubles);
+		printf("%.2f %.2f\n", latencies[nlatencies / 2], latencies[(long) (nlatencies * 0.99)]);
+	}
+	else
+		printf("%.0f\n", count / (now_seconds() - start));
 	fprintf(stderr, "raw producer: %ld acknowledged, %ld failed\n", acked, failed);
 	rd_kafka_topic_destroy(rkt);
 	rd_kafka_destroy(rk);

@@ -79,5 +79,7 @@ chmod 644 "$work/emit.sql"; chmod 755 "$work"
 bench_psql -c "SELECT eventshop.reset_relay_latency()" >/dev/null
 bench_pgbench -n -f "$work/emit.sql" -c 4 -j 2 -R "$rate" -T "$seconds" >/dev/null
 sleep 1
-bench_psql -F ' ' -c "SELECT 'commit->ack latency: p50 ' || ack_latency_p50_ms || ' ms, p99 ' || ack_latency_p99_ms || ' ms' FROM eventshop.outbox_status"
+bench_psql -F ' ' -c "SELECT 'relay commit->ack latency: p50 ' || ack_latency_p50_ms || ' ms, p99 ' || ack_latency_p99_ms || ' ms' FROM eventshop.outbox_status"
+read -r raw_p50 raw_p99 < <("$work/raw_producer" "$BENCH_BOOTSTRAP" bench.raw $((rate * seconds)) 450 "$rate")
+echo "raw producer produce->ack latency at the same rate: p50 $raw_p50 ms, p99 $raw_p99 ms (the broker's share)"
 bench_psql -F ' ' -c "SELECT 'backlog after the run: ' || backlog || ', parked: ' || parked || ', delivery errors: ' || delivery_errors FROM eventshop.outbox_status"

@@ -465,11 +465,15 @@ relay_window_save(RelayWindow *window, int nparked, const int64 *parked_ids, cha
 
 /*
  * Session settings of the relay's planner: never a sequential scan of the
- * outbox; for id-ordered reads, no bitmap scan and no sort either.
+ * outbox; for id-ordered reads, no bitmap scan and no sort either. The
+ * disabled paths inflate plan costs past jit_above_cost, and compiling each
+ * small read would cost milliseconds of latency: no JIT.
  */
 static void
 relay_planner_walks_indexes(bool in_id_order)
 {
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SET, true, 0, false);
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SET, true, 0, false);
 	(void) set_config_option("enable_bitmapscan", in_id_order ? "off" : "on", PGC_USERSET,
