@@ -80,8 +80,11 @@ include $(PGXS)
 
 all: $(DEVBROKER)
 
-$(DEVBROKER): devbroker/devbroker.c
-	$(CC) $(CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka)
+# tcp_nodelay.c replaces accept()/accept4() for librdkafka's mock cluster: export them.
+$(DEVBROKER): devbroker/devbroker.c devbroker/tcp_nodelay.c
+	$(CC) $(CFLAGS) -o $@ devbroker/devbroker.c devbroker/tcp_nodelay.c \
+		-Wl,--export-dynamic-symbol=accept -Wl,--export-dynamic-symbol=accept4 \
+		$(shell pkg-config --cflags --libs rdkafka) -ldl
 
 install: install-devbroker
 .PHONY: install-devbroker
