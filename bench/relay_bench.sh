@@ -54,8 +54,7 @@ SELECT 'orders.events', k.key, e.id, t.type,
 												   'items', json_build_array(json_build_object('sku', 'SKU-' || i % 977,
 																							   'quantity', 1 + i % 3,
 																							   'unit_price_minor', 100 + i % 5000))))
-FROM generate_series(1, $events) AS i,
-	 LATERAL (SELECT gen_random_uuid() AS id) e,
+FROM (SELECT i, gen_random_uuid() AS id FROM generate_series(1, $events) AS i) e,
 	 LATERAL (SELECT md5((i % 10000)::text)::uuid::text AS key) k,
 	 LATERAL (SELECT (ARRAY['order.created', 'order.reserved', 'order.completed',
 							'order.cancelled', 'order.expired'])[1 + i % 5] AS type) t;

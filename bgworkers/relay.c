@@ -175,6 +175,14 @@ eventshop_relay_main(Datum main_arg)
 			es_relay_stats_produced(count);
 			rd_kafka_poll(relay_kafka->rk, 0);
 			relay_settle();
+			/* a long drain still records its progress every checkpoint interval */
+			if (window.dirty && !resend_needed &&
+				TimestampDifferenceExceeds(last_checkpoint, GetCurrentTimestamp(),
+										   es_relay_checkpoint_interval_ms))
+			{
+				relay_checkpoint();
+				last_checkpoint = GetCurrentTimestamp();
+			}
 			if (es_worker_check_interrupts())
 				break;
 		}

@@ -12,8 +12,10 @@
  * The stderr lines "devbroker: brokers down" / "devbroker: brokers up" are
  * written only once every listener really refuses / accepts connections,
  * so tests can wait for them.
+ * Slow-network simulation: SIGRTMIN delays every broker response by
+ * --slow-rtt-ms (default 100), SIGRTMIN+1 removes the delay again.
  * Topic data lives in this process and survives a down/up cycle, but not a
- * restart.
+ * restart.  The mock cluster keeps only the last 5 MB of each partition.
  *
  * Signals are blocked in every thread and served by sigwait() in the main
  * thread, so librdkafka is never called from a signal handler.
@@ -57,6 +59,7 @@ struct options
 	const char *bootstrap_file;
 	const char *pid_file;
 	const char *topics;
+	int			slow_rtt_ms;
 };
 
 /* Print a "devbroker: ..." line on stderr. */
@@ -92,11 +95,13 @@ usage(FILE *out, const char *prog)
 			"                         %s)\n"
 			"  --bootstrap-file PATH  write the bootstrap address to PATH (atomically)\n"
 			"  --pid-file PATH        write this process id to PATH\n"
+			"  --slow-rtt-ms N        response delay in slow mode (default 100)\n"
 			"  --help                 show this help and exit\n"
 			"\n"
 			"Prints \"bootstrap=<host:port,...>\" on stdout when ready.\n"
 			"Signals: SIGTERM/SIGINT stop; SIGUSR1 takes all brokers down;\n"
-			"SIGUSR2 brings them back up.\n",
+			"SIGUSR2 brings them back up; SIGRTMIN delays every response by the\n"
+			"slow-mode delay, SIGRTMIN+1 removes the delay.\n",
 			prog, MAX_BROKERS, MAX_PARTITIONS, DEFAULT_TOPICS);
 }
 
@@ -178,6 +183,7 @@ parse_options(int argc, char **argv, struct options *opts)
 		{"bootstrap-file", required_argument, NULL, 'f'},
 		{"pid-file", required_argument, NULL, 'P'},
 		{"topics", required_argument, NULL, 't'},
+		{"slow-rtt-ms", required_argument, NULL, 'r'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0}
 	};
@@ -189,6 +195,7 @@ parse_options(int argc, char **argv, struct options *opts)
 	opts->bootstrap_file = NULL;
 	opts->pid_file = NULL;
 	opts->topics = DEFAULT_TOPICS;
+	opts->slow_rtt_ms = 100;
 
 	opterr = 0;					/* we print our own messages */
 	while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1)
@@ -218,6 +225,11 @@ parse_options(int argc, char **argv, struct options *opts)
 			case 't':
 				check_topics(prog, optarg);
 				opts->topics = optarg;
+				break;
+			case 'r':
+				opts->slow_rtt_ms = parse_int(optarg, 0, 60000);
+				if (opts->slow_rtt_ms < 0)
+					bad_usage(prog, "--slow-rtt-ms must be 0..60000", optarg);
 				break;
 			case 'h':
 				usage(stdout, prog);
@@ -427,6 +439,22 @@ set_brokers(rd_kafka_mock_cluster_t *mc, int n, int up)
 	}
 }
 
+/* Delay every response of brokers 1..n by rtt_ms (0: no delay). */
+static void
+set_brokers_rtt(rd_kafka_mock_cluster_t *mc, int n, int rtt_ms)
+{
+	int32_t		id;
+
+	for (id = 1; id <= n; id++)
+	{
+		rd_kafka_resp_err_t err = rd_kafka_mock_broker_set_rtt(mc, id, rtt_ms);
+
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			logmsg("cannot set the delay of broker %d: %s", (int) id,
+				   rd_kafka_err2str(err));
+	}
+}
+
 /* Entry point: parse options, start the cluster, serve signals. */
 int
 main(int argc, char **argv)
@@ -454,6 +482,8 @@ main(int argc, char **argv)
 	sigaddset(&sigs, SIGINT);
 	sigaddset(&sigs, SIGUSR1);
 	sigaddset(&sigs, SIGUSR2);
+	sigaddset(&sigs, SIGRTMIN);
+	sigaddset(&sigs, SIGRTMIN + 1);
 	if (pthread_sigmask(SIG_BLOCK, &sigs, NULL) != 0)
 	{
 		logmsg("cannot block signals");
@@ -536,6 +566,13 @@ main(int argc, char **argv)
 			wait_listeners(bootstrap, 1);
 			logmsg(down ? "brokers up" : "brokers up (already up)");
 			down = 0;
+		}
+		else if (sig == SIGRTMIN || sig == SIGRTMIN + 1)
+		{
+			int			rtt = sig == SIGRTMIN ? opts.slow_rtt_ms : 0;
+
+			set_brokers_rtt(mc, opts.brokers, rtt);
+			logmsg("brokers answer after %d ms", rtt);
 		}
 		else
 		{

@@ -5,7 +5,7 @@
 ES_PACKAGES="build-essential pkg-config postgresql-15 postgresql-server-dev-15
   postgresql-contrib librdkafka-dev libjwt-dev libcurl4-openssl-dev libargon2-dev libcrypt-dev
   libssl-dev postgresql-15-pgtap postgresql-15-cron python3-aiosmtpd
-  libipc-run-perl kcat python3-jwt python3-cryptography openssl python3"
+  libipc-run-perl libjson-xs-perl kcat python3-jwt python3-cryptography openssl python3"
 
 # Runs a command as root: directly when we are root, otherwise through sudo.
 es_as_root() {

@@ -14,6 +14,7 @@ use Exporter 'import';
 use File::Path qw(make_path);
 use IO::Socket::INET;
 use IPC::Run;
+use POSIX ();
 use JSON::PP;
 use Encode ();
 use MIME::Base64;
@@ -23,22 +24,33 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 
-our @EXPORT = qw(start_devbroker broker_down broker_up start_smtp smtp_stop smtp_restart smtp_reply
+our @EXPORT = qw(start_devbroker broker_down broker_up broker_slow broker_fast start_smtp smtp_stop smtp_restart smtp_reply
   start_http_endpoint http_status http_requests write_file
   eventshop_node relay_node worker_free_node key_settings read_topic produce maildir_messages parse_mail
-  wait_for stop_all);
+  wait_for stop_all json_decode);
 
 my @harnesses;
 
-# Starts the dev broker; returns { harness, pid, bootstrap }.
+# JSON::XS when installed (some tests read back hundreds of thousands of
+# events), JSON::PP otherwise; both decode UTF-8 text.
+my $json = eval { require JSON::XS; JSON::XS->new->utf8 } // JSON::PP->new->utf8;
+
+# Decodes one JSON document.
+sub json_decode { my ($text) = @_; return $json->decode($text); }
+
+# Starts the dev broker; returns { harness, pid, bootstrap }. Options:
+# partitions => N per topic (default 3). The dev broker keeps the last 5 MB
+# of each partition only, so a test that reads back more needs more of them.
 sub start_devbroker
 {
+	my (%opts) = @_;
 	my $dir = PostgreSQL::Test::Utils::tempdir();
 	my $program = -x "$ENV{TESTDIR}/devbroker/eventshop-devbroker"
 	  ? "$ENV{TESTDIR}/devbroker/eventshop-devbroker"
 	  : 'eventshop-devbroker';
 	my ($out, $err) = ('', '');
-	my $h = IPC::Run::start([ $program, '--bootstrap-file', "$dir/bootstrap" ],
+	my $h = IPC::Run::start([ $program, '--bootstrap-file', "$dir/bootstrap",
+			'--partitions', $opts{partitions} // 3 ],
 		'>', \$out, '2>', \$err);
 	push @harnesses, $h;
 	wait_for(sub { -s "$dir/bootstrap" }, 'dev broker is ready');
@@ -52,6 +64,11 @@ sub broker_down { my ($broker) = @_; kill 'USR1', $broker->{pid}; }
 
 # Brings the dev cluster's brokers back.
 sub broker_up { my ($broker) = @_; kill 'USR2', $broker->{pid}; }
+
+# Makes every broker answer after the dev broker's slow-mode delay (100 ms),
+# as over a slow network; broker_fast() takes the delay away again.
+sub broker_slow { my ($broker) = @_; kill POSIX::SIGRTMIN(), $broker->{pid}; }
+sub broker_fast { my ($broker) = @_; kill POSIX::SIGRTMIN() + 1, $broker->{pid}; }
 
 # Starts aiosmtpd with a Maildir; returns { harness, port, maildir }. The
 # server stores every message unless smtp_reply() told it to refuse;
@@ -251,7 +268,7 @@ sub read_topic
 	for my $line (split /\n/, $out)
 	{
 		next unless $line =~ /^\{/;
-		my $m = decode_json($line);
+		my $m = json_decode($line);
 		my %headers = @{ $m->{headers} // [] };
 		push @messages, {
 			key => $m->{key},
