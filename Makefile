@@ -12,6 +12,7 @@ OBJS = \
 	src/shared_state.o \
 	src/outbox_wakeup.o \
 	src/outbox_ids.o \
+	src/emit_event.o \
 	src/relay_stats.o \
 	src/password_hash.o \
 	src/login_throttle.o \
@@ -20,6 +21,7 @@ OBJS = \
 	src/crypto_util.o \
 	src/key_store.o \
 	src/jwt.o \
+	src/signature_cache.o \
 	src/sealed_box.o \
 	src/orders.o \
 	src/payment_webhook.o \

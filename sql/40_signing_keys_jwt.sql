@@ -91,7 +91,7 @@ $$;
 
 SELECT pg_postmaster_start_time() AS started \gset
 
-SELECT plan(203);
+SELECT plan(205);
 
 -- ---------------------------------------------------------------------------
 -- Objects, settings and privileges
@@ -434,6 +434,11 @@ FROM (VALUES
 
 SELECT is(pg_postmaster_start_time(), :'started'::timestamptz, 'no attack crashed a backend (the server never restarted)');
 SELECT is(eventshop._jwt_verify(:'tok_rs'), :'claims'::jsonb, 'and the real token still verifies afterwards');
+-- this backend now remembers tok_rs's signature as verified; any other bytes are checked again
+SELECT is(eventshop._jwt_verify(:'tok_rs'), :'claims'::jsonb, 'a token verified before verifies again (remembered signature)');
+SELECT is(pg_temp.verify_error(split_part(:'tok_rs', '.', 1) || '.' || :'p_rs' || '.' || overlay(:'s_rs' PLACING CASE substr(:'s_rs', 7, 1) WHEN 'A' THEN 'B' ELSE 'A' END FROM 7 FOR 1)),
+          '28000 invalid token: The signature is not valid.',
+          'a remembered token with one signature character changed is verified, and refused');
 
 -- revocation applies to the very next statement
 SELECT is(eventshop._jwt_verify(:'tok_rs1'), '{"sub": "rs1-token"}'::jsonb, 'the retired key''s token verifies ...');

@@ -21,7 +21,9 @@
  *      (standby, revoked, unknown all fail), read on every call;
  *   5. header alg == the key's alg (one algorithm per key);
  *   6. signature of the exact length for the algorithm (ECDSA: JOSE r||s,
- *      64 bytes; DER is refused) and valid under that key;
+ *      64 bytes; DER is refused) and valid under that key (a token whose
+ *      signature this backend verified before is remembered:
+ *      signature_cache.c);
  *   7. payload: UTF-8, a JSON object without duplicate keys at any level,
  *      nesting at most ES_JWT_MAX_DEPTH, numbers within jsonb's range.
  *
@@ -44,6 +46,7 @@
 #include "crypto_util.h"
 #include "jwt.h"
 #include "key_store.h"
+#include "signature_cache.h"
 
 #define ES_MAX_SIG_LEN		512		/* RSA-4096 */
 #define ES_MAX_NUMBER_LEN	64
@@ -377,6 +380,7 @@ es_jwt_verify(const char *tok, size_t len)
 	bool		have_kid = false;
 	EsKeyStatus status;
 	EsKey	   *key;
+	uint8		token_digest[ES_SHA256_LEN];
 
 	/* 1. size, charset, shape */
 	if (len > ES_JWT_MAX_LEN)
@@ -484,9 +488,14 @@ es_jwt_verify(const char *tok, size_t len)
 	if (alg != key_alg)
 		es_invalid_token("The algorithm does not match the signing key's.");
 
-	/* 6. signature over "header.payload" as sent */
-	if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
-		es_invalid_token("The signature is not valid.");
+	/* 6. signature over "header.payload" as sent (once per token and backend) */
+	es_sha256(tok, len, token_digest);
+	if (!es_signature_cache_contains(token_digest))
+	{
+		if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
+			es_invalid_token("The signature is not valid.");
+		es_signature_cache_add(token_digest);
+	}
 
 	/* 7. payload */
 	payload = es_parse_object(pbuf, (int) plen, "payload");

@@ -4,8 +4,7 @@
  *		items): the inventory's "reserve", in C with statements prepared once
  *		per backend, because it runs for every order.
  *
- * An order is two statements and a function call, all in the caller's
- * transaction:
+ * An order is two statements, both in the caller's transaction:
  *
  *   1. reserve: every product of the order is locked FOR NO KEY UPDATE in
  *      product-id order (a materialized CTE, so concurrent orders queue up
@@ -14,11 +13,10 @@
  *      reserved by the same statement wherever the line can be served
  *      (active, available >= quantity; otherwise by 0), returning what the
  *      checks and the snapshot need as read under the lock;
- *   2. write: the order and its lines in one statement, the lines' SKU,
- *      title, category and price snapshotted from the product rows this
- *      transaction holds locked;
- *   3. event: order.created through eventshop._emit_event (called directly,
- *      its data built in C).
+ *   2. write: the order, its lines and its order.created event (the
+ *      envelope built in C by es_event_envelope, as _emit_event builds it)
+ *      in one statement, the lines' SKU, title, category and price as step
+ *      1 read them from the product rows this transaction holds locked.
  *
  * Between 1 and 2 the checks run in C over the locked rows, each refusal
  * naming the first offending item in the client's order: unknown SKU
@@ -44,9 +42,6 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "nodes/value.h"
-#include "parser/parse_func.h"
-#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -59,6 +54,7 @@
 #include "utils/uuid.h"
 
 #include "authenticate.h"
+#include "emit_event.h"
 #include "orders.h"
 #include "spi_util.h"
 
@@ -70,6 +66,8 @@ typedef struct EsOrderLine
 {
 	int64		product_id;
 	char	   *sku;
+	char	   *title;
+	char	   *category;
 	int64		price_minor;
 	char	   *currency;
 	bool		active;
@@ -81,8 +79,9 @@ static SPIPlanPtr es_plan_lock = NULL;
 static SPIPlanPtr es_plan_write = NULL;
 
 static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
-static void es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
-								  int64 total, int32 item_count, int64 unit_count, Datum reserved_until);
+static text *es_order_created_envelope(const char *order_key, pg_uuid_t *user_id, const char *currency,
+									   int64 total, int32 item_count, int64 unit_count,
+									   Datum reserved_until, pg_uuid_t *event_id);
 static void es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value);
 static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
 static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
@@ -128,11 +127,19 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
 	Oid			lock_types[2] = {TEXTARRAYOID, INT4ARRAYOID};
-	Oid			write_types[9] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
-		INT8ARRAYOID, INT4ARRAYOID};
-	Datum		args[9];
+	Oid			write_types[16] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
+		INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT4ARRAYOID,
+	TEXTOID, UUIDOID, JSONOID};
+	Datum		args[16];
 	Datum	   *ids;
 	Datum	   *qtys;
+	Datum	   *line_skus;
+	Datum	   *titles;
+	Datum	   *categories;
+	bool	   *category_nulls;
+	Datum	   *prices;
+	char	   *order_key;
+	pg_uuid_t	event_id;
 
 	/* Only sku and quantity are accepted: a price or stock sent by the client is refused. */
 	n = es_parse_order_items(items, &skus, &quantities);
@@ -154,7 +161,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 									  " THEN ($2)[pg_catalog.array_position($1, p.sku::text)] ELSE 0 END "
 									  "FROM l WHERE p.id = l.id "
 									  "RETURNING p.id, p.sku::text, p.price_minor::bigint,"
-									  " p.currency::text, l.active, l.available",
+									  " p.currency::text, l.active, l.available, p.title::text, p.category::text",
 									  2, lock_types),
 						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "reserving the products of an order failed");
@@ -176,6 +183,8 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 		l->currency = es_text_column(tuple, desc, 4);
 		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 5, &isnull));
 		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
+		l->title = es_text_column(tuple, desc, 7);
+		l->category = es_text_column(tuple, desc, 8);
 		l->quantity = 0;
 		for (int i = 0; i < n; i++)
 		{
@@ -216,9 +225,14 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
 	}
 
-	/* 2. the order and its lines */
+	/* 2. the order, its lines and its order.created event, in one statement */
 	ids = palloc(sizeof(Datum) * nlines);
 	qtys = palloc(sizeof(Datum) * nlines);
+	line_skus = palloc(sizeof(Datum) * nlines);
+	titles = palloc(sizeof(Datum) * nlines);
+	categories = palloc(sizeof(Datum) * nlines);
+	category_nulls = palloc(sizeof(bool) * nlines);
+	prices = palloc(sizeof(Datum) * nlines);
 	for (int r = 0; r < nlines; r++)
 	{
 		EsOrderLine *l = &lines[r];
@@ -228,9 +242,15 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 		units += l->quantity;
 		ids[r] = Int64GetDatum(l->product_id);
 		qtys[r] = Int32GetDatum(l->quantity);
+		line_skus[r] = CStringGetTextDatum(l->sku);
+		titles[r] = CStringGetTextDatum(l->title);
+		category_nulls[r] = l->category == NULL;
+		categories[r] = l->category ? CStringGetTextDatum(l->category) : (Datum) 0;
+		prices[r] = Int64GetDatum(l->price_minor);
 	}
 	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
 	es_uuid_v7(order_id);
+	order_key = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(order_id)));
 	/* now() + current_setting('eventshop.reservation_ttl')::interval */
 	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
 										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
@@ -246,24 +266,34 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	args[5] = Int32GetDatum((int32) units);
 	args[6] = reserved_until;
 	args[7] = es_array(ids, NULL, nlines, INT8OID);
-	args[8] = es_array(qtys, NULL, nlines, INT4OID);
+	args[8] = es_array(line_skus, NULL, nlines, TEXTOID);
+	args[9] = es_array(titles, NULL, nlines, TEXTOID);
+	args[10] = es_array(categories, category_nulls, nlines, TEXTOID);
+	args[11] = es_array(prices, NULL, nlines, INT8OID);
+	args[12] = es_array(qtys, NULL, nlines, INT4OID);
+	args[13] = CStringGetTextDatum(order_key);
+	args[14] = UUIDPGetDatum(&event_id);
+	args[15] = PointerGetDatum(es_order_created_envelope(order_key, user_id, lines[0].currency, total,
+														 nlines, units, reserved_until, &event_id));
 	if (SPI_execute_plan(es_keep_plan(&es_plan_write,
 									  "WITH ord AS ("
 									  " INSERT INTO eventshop.orders (id, user_id, status, currency, total_minor,"
 									  " item_count, unit_count, created_at, reserved_until, updated_at)"
 									  " VALUES ($1, $2, 'reserved', $3, $4, $5, $6, pg_catalog.now(), $7, pg_catalog.now())"
+									  "), event AS ("
+									  " INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload)"
+									  " VALUES ('orders.events', $14, $15, 'order.created', $16)"
 									  ") "
 									  "INSERT INTO eventshop.order_items (order_id, product_id, sku, title, category,"
 									  " unit_price_minor, quantity) "
-									  "SELECT $1, p.id, p.sku, p.title, p.category, p.price_minor,"
-									  " ($9)[pg_catalog.array_position($8, p.id)]"
-									  " FROM eventshop.products p WHERE p.id = ANY ($8)",
-									  9, write_types),
+									  "SELECT $1, l.id, l.sku, l.title, l.category, l.price, l.quantity"
+									  " FROM ROWS FROM (pg_catalog.unnest($8), pg_catalog.unnest($9),"
+									  " pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
+									  " pg_catalog.unnest($13))"
+									  " AS l(id, sku, title, category, price, quantity)",
+									  16, write_types),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "writing an order failed");
-
-	/* 3. the event, in the same transaction */
-	es_emit_order_created(order_id, user_id, lines[0].currency, total, nlines, units, reserved_until);
 
 	currency = MemoryContextStrdup(caller_cxt, lines[0].currency);
 	SPI_finish();
@@ -280,26 +310,23 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 }
 
 /*
- * Emits order.created through eventshop._emit_event, called directly rather
- * than through a statement: the data is what jsonb_build_object would make
- * of order_id, user_id, status, currency, total_minor, item_count,
- * unit_count and reserved_until.
+ * The envelope of order.created (es_event_envelope): the data is what
+ * jsonb_build_object would make of order_id, user_id, status, currency,
+ * total_minor, item_count, unit_count and reserved_until.
  */
-static void
-es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *currency,
-					  int64 total, int32 item_count, int64 unit_count, Datum reserved_until)
+static text *
+es_order_created_envelope(const char *order_key, pg_uuid_t *user_id, const char *currency,
+						  int64 total, int32 item_count, int64 unit_count, Datum reserved_until,
+						  pg_uuid_t *event_id)
 {
-	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID};
-	Oid			emit;
-	char	   *order_str = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(order_id)));
 	JsonbParseState *state = NULL;
 	JsonbValue	v;
 	JsonbValue *data;
 
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	v.type = jbvString;
-	v.val.string.val = order_str;
-	v.val.string.len = strlen(order_str);
+	v.val.string.val = (char *) order_key;
+	v.val.string.len = strlen(order_key);
 	es_push_pair(&state, "order_id", &v);
 	v.val.string.val = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(user_id)));
 	v.val.string.len = strlen(v.val.string.val);
@@ -322,12 +349,7 @@ es_emit_order_created(pg_uuid_t *order_id, pg_uuid_t *user_id, const char *curre
 	es_push_pair(&state, "unit_count", &v);
 	data = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
 
-	/* looked up per call (a syscache hit), so a re-created extension is found */
-	emit = LookupFuncName(list_make2(makeString("eventshop"), makeString("_emit_event")), 4, argtypes, false);
-	if (pg_proc_aclcheck(emit, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
-		aclcheck_error(ACLCHECK_NO_PRIV, OBJECT_FUNCTION, "eventshop._emit_event");
-	(void) OidFunctionCall4(emit, CStringGetTextDatum("orders.events"), CStringGetTextDatum(order_str),
-							CStringGetTextDatum("order.created"), JsonbPGetDatum(JsonbValueToJsonb(data)));
+	return es_event_envelope("orders.events", order_key, "order.created", JsonbValueToJsonb(data), event_id);
 }
 
 /* Adds "key": value to the object being built. */

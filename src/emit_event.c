@@ -1,0 +1,173 @@
+/*
+ * emit_event.c
+ *		eventshop._emit_event(topic, message_key, event_type, data): writes
+ *		one CloudEvent to the outbox in the caller's transaction and returns
+ *		its id. Every state change of every module goes through here, so it
+ *		is C: the envelope is built as text in one pass and inserted through
+ *		a kept plan (the PL/pgSQL version spent ~55 us per event on
+ *		json_build_object, to_char and statement overhead).
+ *
+ * C modules call es_emit_event() directly, or es_event_envelope() to write
+ * the row in a statement of their own; SQL modules call the function.
+ * Both validate the same way, with the SQLSTATEs the outbox's own
+ * constraints would use (23514 check, 23502 not null).
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type_d.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "port.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "emit_event.h"
+#include "spi_util.h"
+
+#define MAX_MESSAGE_KEY_BYTES 512
+
+/* The topics of ../shared/DESIGN.md; events go to nothing else. */
+static const char *const known_topics[] = {
+	"auth.events", "orders.events", "payments.events", "registrations.events",
+	"invites.events", "notifications.events", NULL
+};
+
+static SPIPlanPtr insert_plan = NULL;
+
+static void es_check_event(const char *topic, const char *message_key, const char *event_type);
+static void es_append_utc_time(StringInfo buf, TimestampTz now);
+
+PG_FUNCTION_INFO_V1(eventshop_emit_event);
+
+Datum
+eventshop_emit_event(PG_FUNCTION_ARGS)
+{
+	const char *topic = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	const char *message_key = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	const char *event_type = PG_ARGISNULL(2) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(2));
+	Jsonb	   *data = PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3);
+
+	PG_RETURN_UUID_P(es_emit_event(topic, message_key, event_type, data));
+}
+
+/*
+ * Writes one event; data NULL is written as JSON null. Returns the event id
+ * (palloc'd in the caller's context).
+ */
+pg_uuid_t *
+es_emit_event(const char *topic, const char *message_key, const char *event_type, Jsonb *data)
+{
+	pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
+	Oid			argtypes[5] = {TEXTOID, TEXTOID, UUIDOID, TEXTOID, JSONOID};
+	Datum		values[5];
+
+	values[4] = PointerGetDatum(es_event_envelope(topic, message_key, event_type, data, id));
+	values[0] = CStringGetTextDatum(topic);
+	values[1] = CStringGetTextDatum(message_key);
+	values[2] = UUIDPGetDatum(id);
+	values[3] = CStringGetTextDatum(event_type);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_plan(es_keep_plan(&insert_plan,
+									  "INSERT INTO eventshop.outbox "
+									  "(topic, message_key, event_id, event_type, payload) "
+									  "VALUES ($1, $2, $3, $4, $5)",
+									  5, argtypes),
+						 values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "eventshop: writing an event to the outbox failed");
+	SPI_finish();
+	return id;
+}
+
+/*
+ * Checks an event and builds its CloudEvent envelope: the payload column's
+ * value (json, as text: valid by construction), with a new random event id
+ * stored in *id. For a caller that writes the outbox row in a statement of
+ * its own, with the same columns es_emit_event writes.
+ */
+text *
+es_event_envelope(const char *topic, const char *message_key, const char *event_type, Jsonb *data,
+				  pg_uuid_t *id)
+{
+	StringInfoData payload;
+	const char *dot;
+
+	es_check_event(topic, message_key, event_type);
+
+	/* a version 4 (random) UUID, as gen_random_uuid() makes */
+	if (!pg_strong_random(id->data, UUID_LEN))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate a random event id")));
+	id->data[6] = (id->data[6] & 0x0f) | 0x40;
+	id->data[8] = (id->data[8] & 0x3f) | 0x80;
+
+	dot = strchr(topic, '.');
+	initStringInfo(&payload);
+	appendStringInfoString(&payload, "{\"specversion\" : \"1.0\", \"id\" : \"");
+	appendStringInfoString(&payload, DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(id))));
+	appendStringInfoString(&payload, "\", \"source\" : \"/eventshop/");
+	appendBinaryStringInfo(&payload, topic, (int) (dot - topic));
+	appendStringInfoString(&payload, "\", \"type\" : ");
+	escape_json(&payload, event_type);
+	appendStringInfoString(&payload, ", \"time\" : \"");
+	es_append_utc_time(&payload, GetCurrentTimestamp());
+	appendStringInfoString(&payload, "\", \"subject\" : ");
+	escape_json(&payload, message_key);
+	appendStringInfoString(&payload, ", \"datacontenttype\" : \"application/json\", \"data\" : ");
+	if (data == NULL)
+		appendStringInfoString(&payload, "null");
+	else
+		(void) JsonbToCString(&payload, &data->root, VARSIZE(data));
+	appendStringInfoChar(&payload, '}');
+	return cstring_to_text_with_len(payload.data, payload.len);
+}
+
+/* Refuses what the outbox would refuse, with a message naming the field. */
+static void
+es_check_event(const char *topic, const char *message_key, const char *event_type)
+{
+	bool		known = false;
+	size_t		key_len;
+
+	for (int i = 0; topic != NULL && known_topics[i] != NULL; i++)
+		known = known || strcmp(topic, known_topics[i]) == 0;
+	if (!known)
+		ereport(ERROR,
+				(errcode(ERRCODE_CHECK_VIOLATION),
+				 errmsg("unknown event topic \"%s\"", topic ? topic : "(null)")));
+	if (message_key == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NOT_NULL_VIOLATION),
+				 errmsg("an event needs a message key")));
+	key_len = strlen(message_key);
+	if (key_len < 1 || key_len > MAX_MESSAGE_KEY_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_CHECK_VIOLATION),
+				 errmsg("an event message key must be 1 to %d bytes long", MAX_MESSAGE_KEY_BYTES)));
+	if (event_type == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NOT_NULL_VIOLATION),
+				 errmsg("an event needs a type")));
+}
+
+/* RFC 3339 in UTC with microseconds: 2026-11-21T19:13:05.123456Z */
+static void
+es_append_utc_time(StringInfo buf, TimestampTz now)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(now, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	appendStringInfo(buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+					 tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+}
