@@ -83,6 +83,11 @@ static DispatcherQuery ingest_query = {
 	.nargs = 6,
 	.argtypes = {TEXTOID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID}
 };
+static DispatcherQuery ingest_batch_query = {
+	.sql = "SELECT eventshop._ingest_events($1, $2, $3, $4, $5, $6)",
+	.nargs = 6,
+	.argtypes = {TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID}
+};
 static DispatcherQuery store_offsets_query = {
 	.sql = "SELECT eventshop._store_consumer_offsets($1, $2, $3, $4)",
 	.nargs = 4,
@@ -134,6 +139,9 @@ static void dispatcher_ingest(rd_kafka_message_t **msgs, int count, bool as_reje
 static void dispatcher_retry_ingest(rd_kafka_message_t **msgs, int count, const ErrorData *edata);
 static bool dispatcher_is_data_error(int sqlerrcode);
 static bool dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected);
+static int	dispatcher_ingest_batch(rd_kafka_message_t **msgs, int count);
+static void dispatcher_message_values(const rd_kafka_message_t *msg, bool as_rejected,
+									  Datum *values, char *nulls);
 static bool dispatcher_read_header(const rd_kafka_message_t *msg, const char *name,
 								   Datum *value, char *isnull);
 static bool dispatcher_valid_text(const void *data, size_t length, size_t max_length);
@@ -149,7 +157,7 @@ static void dispatcher_store_offsets(rd_kafka_message_t **msgs, int count);
 static void dispatcher_apply_committed(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *partitions);
 static bool dispatcher_topics_changed(void);
 static void dispatcher_record_watermarks(void);
-static Datum dispatcher_array(Datum *elems, int count, Oid elemtype);
+static Datum dispatcher_array(Datum *elems, int count, Oid elemtype, const bool *elem_nulls);
 
 /*
  * Worker entry point: ingest a batch from Kafka,
@@ -445,8 +453,11 @@ dispatcher_ingest(rd_kafka_message_t **msgs, int count, bool as_rejected)
 		int			rejected = 0;
 
 		es_worker_begin("eventshop dispatcher: ingesting events");
-		for (int i = 0; i < count; i++)
-			rejected += dispatcher_ingest_message(msgs[i], as_rejected) ? 1 : 0;
+		if (count > 1 && !as_rejected)
+			rejected = dispatcher_ingest_batch(msgs, count);
+		else
+			for (int i = 0; i < count; i++)
+				rejected += dispatcher_ingest_message(msgs[i], as_rejected) ? 1 : 0;
 		dispatcher_store_offsets(msgs, count);
 		es_worker_commit();
 		if (rejected > 0 && !as_rejected)
@@ -508,23 +519,19 @@ dispatcher_is_data_error(int sqlerrcode)
 }
 
 /*
- * Calls eventshop._ingest_event for one message. Headers and payload must
- * be UTF-8 without NUL bytes and not too large to be passed as text; a
- * message failing that goes in with only its offset, so SQL records it as
- * rejected. Returns whether it was rejected.
+ * The arguments of eventshop._ingest_event for one message (topic,
+ * partition, offset, ce_id, ce_type, payload). Headers and payload must be
+ * UTF-8 without NUL bytes and not too large to be passed as text; a message
+ * failing that (or any message, as_rejected) goes in with only its offset,
+ * so SQL records it as rejected.
  */
-static bool
-dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected)
+static void
+dispatcher_message_values(const rd_kafka_message_t *msg, bool as_rejected, Datum *values, char *nulls)
 {
-	const char *topic = rd_kafka_topic_name(msg->rkt);
-	Datum		values[6];
-	char		nulls[6];
 	bool		valid = !as_rejected;
-	bool		isnull;
-	Datum		status;
 
-	memset(nulls, 'n', sizeof(nulls));
-	values[0] = CStringGetTextDatum(dispatcher_logical_topic(topic));
+	memset(nulls, 'n', 6);
+	values[0] = CStringGetTextDatum(dispatcher_logical_topic(rd_kafka_topic_name(msg->rkt)));
 	values[1] = Int32GetDatum(msg->partition);
 	values[2] = Int64GetDatum(msg->offset);
 	nulls[0] = nulls[1] = nulls[2] = ' ';
@@ -540,10 +547,59 @@ dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected)
 	}
 	else
 		nulls[3] = nulls[4] = nulls[5] = 'n';
+}
 
+/* Calls eventshop._ingest_event for one message. Returns whether it was rejected. */
+static bool
+dispatcher_ingest_message(const rd_kafka_message_t *msg, bool as_rejected)
+{
+	Datum		values[6];
+	char		nulls[6];
+	bool		isnull;
+	Datum		status;
+
+	dispatcher_message_values(msg, as_rejected, values, nulls);
 	dispatcher_run(&ingest_query, values, nulls);
 	status = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return !isnull && strcmp(TextDatumGetCString(status), "rejected") == 0;
+}
+
+/*
+ * Calls eventshop._ingest_events once for a batch (the same arguments as
+ * _ingest_event, as arrays). Returns how many messages were rejected.
+ */
+static int
+dispatcher_ingest_batch(rd_kafka_message_t **msgs, int count)
+{
+	static const Oid types[6] = {TEXTOID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID};
+	Datum	   *columns[6];
+	bool	   *column_nulls[6];
+	Datum		values[6];
+	bool		isnull;
+	Datum		rejected;
+
+	for (int c = 0; c < 6; c++)
+	{
+		columns[c] = palloc(sizeof(Datum) * count);
+		column_nulls[c] = palloc(sizeof(bool) * count);
+	}
+	for (int i = 0; i < count; i++)
+	{
+		Datum		row[6];
+		char		row_nulls[6];
+
+		dispatcher_message_values(msgs[i], false, row, row_nulls);
+		for (int c = 0; c < 6; c++)
+		{
+			column_nulls[c][i] = row_nulls[c] == 'n';
+			columns[c][i] = column_nulls[c][i] ? (Datum) 0 : row[c];
+		}
+	}
+	for (int c = 0; c < 6; c++)
+		values[c] = dispatcher_array(columns[c], count, types[c], column_nulls[c]);
+	dispatcher_run(&ingest_batch_query, values, NULL);
+	rejected = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetInt32(rejected);
 }
 
 /*
@@ -666,22 +722,25 @@ dispatcher_store_offsets(rd_kafka_message_t **msgs, int count)
 	for (int j = 0; j < n; j++)
 		offsets[j] = Int64GetDatum(next_offsets[j]);
 	values[0] = CStringGetTextDatum(es_dispatcher_group);
-	values[1] = dispatcher_array(topics, n, TEXTOID);
-	values[2] = dispatcher_array(partitions, n, INT4OID);
-	values[3] = dispatcher_array(offsets, n, INT8OID);
+	values[1] = dispatcher_array(topics, n, TEXTOID, NULL);
+	values[2] = dispatcher_array(partitions, n, INT4OID, NULL);
+	values[3] = dispatcher_array(offsets, n, INT8OID, NULL);
 	dispatcher_run(&store_offsets_query, values, NULL);
 }
 
 /* A one-dimensional array Datum of count elements of a built-in type. */
 static Datum
-dispatcher_array(Datum *elems, int count, Oid elemtype)
+dispatcher_array(Datum *elems, int count, Oid elemtype, const bool *elem_nulls)
 {
 	int16		typlen;
 	bool		typbyval;
 	char		typalign;
+	int			dims[1] = {count};
+	int			lbs[1] = {1};
 
 	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_array(elems, count, elemtype, typlen, typbyval, typalign));
+	return PointerGetDatum(construct_md_array(elems, (bool *) elem_nulls, 1, dims, lbs, elemtype,
+											  typlen, typbyval, typalign));
 }
 
 /*
@@ -791,10 +850,10 @@ dispatcher_record_watermarks(void)
 
 	es_worker_begin("eventshop dispatcher: recording watermarks");
 	values[0] = CStringGetTextDatum(es_dispatcher_group);
-	values[1] = dispatcher_array(topics, n, TEXTOID);
-	values[2] = dispatcher_array(partitions, n, INT4OID);
-	values[3] = dispatcher_array(lows, n, INT8OID);
-	values[4] = dispatcher_array(highs, n, INT8OID);
+	values[1] = dispatcher_array(topics, n, TEXTOID, NULL);
+	values[2] = dispatcher_array(partitions, n, INT4OID, NULL);
+	values[3] = dispatcher_array(lows, n, INT8OID, NULL);
+	values[4] = dispatcher_array(highs, n, INT8OID, NULL);
 	dispatcher_run(&watermarks_query, values, NULL);
 	es_worker_commit();
 	MemoryContextSwitchTo(loop_context);

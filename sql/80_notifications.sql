@@ -12,7 +12,7 @@
 CREATE ROLE regress_notify_admin NOLOGIN IN ROLE eventshop_admin;
 CREATE ROLE regress_notify_app NOLOGIN IN ROLE eventshop_app;
 
-SELECT plan(105);
+SELECT plan(113);
 
 -- ---------------------------------------------------------------------------
 -- _render_template and _template_placeholders
@@ -313,6 +313,42 @@ SELECT results_eq($$SELECT recipient, subject, (body_text::jsonb)->>'type', (bod
                   'the webhook notification goes to ''webhook'' with the event as JSON');
 SELECT lives_ok($$SELECT eventshop.set_notification_rule('order.created', 'order_sms', false)$$, 'a rule is disabled');
 SELECT is(pg_temp.ingest_last('user.registered', 14), 'duplicate', 'an old event stays a duplicate after edits');
+
+-- ---------------------------------------------------------------------------
+-- _ingest_events: a batch at once, as _ingest_event one by one
+-- ---------------------------------------------------------------------------
+SELECT eventshop._emit_event('auth.events', current_setting('t.uid'), 'user.logged_in',
+       jsonb_build_object('user_id', current_setting('t.uid'), 'session_id', gen_random_uuid())) AS b1,
+       eventshop._emit_event('auth.events', current_setting('t.uid'), 'user.logged_in',
+       jsonb_build_object('user_id', current_setting('t.uid'), 'session_id', gen_random_uuid())) AS b2 \gset
+CREATE TEMP TABLE batch AS
+SELECT o.event_id, o.payload::text AS payload, 100 + row_number() OVER (ORDER BY o.id) AS "offset"
+FROM eventshop.outbox o WHERE o.event_id IN (:'b1', :'b2');
+SELECT is(eventshop._ingest_events(ARRAY['auth.events', 'auth.events', 'auth.events'], ARRAY[5, 5, 5],
+          ARRAY[101, 102, 103]::bigint[], ARRAY[NULL, NULL, NULL]::text[], ARRAY[NULL, 'user.logged_in', NULL],
+          ARRAY(SELECT payload FROM batch ORDER BY "offset") || (SELECT payload FROM batch ORDER BY "offset" LIMIT 1)),
+          0, 'a batch of two events, one of them twice, is ingested');
+SELECT results_eq($$SELECT event_id, outcome, notifications FROM eventshop.event_audit
+                    WHERE event_id IN (SELECT event_id FROM batch) ORDER BY "offset"$$,
+                  $$SELECT event_id, 'queued'::text, 1 FROM batch ORDER BY "offset"$$,
+                  'one audit row per event, in message order, with its notification');
+SELECT is((SELECT count(*) FROM eventshop.notifications WHERE event_id IN (SELECT event_id FROM batch)
+             AND template = 'login_alert' AND recipient = 'mallory@example.com'), 2::bigint,
+          'one login alert per event, not per message');
+SELECT is(eventshop._ingest_events(ARRAY['auth.events'], ARRAY[5], ARRAY[104]::bigint[], ARRAY[NULL]::text[],
+          ARRAY[NULL]::text[], ARRAY(SELECT payload FROM batch ORDER BY "offset" LIMIT 1)), 0,
+          'a redelivered event in a batch ...');
+SELECT is((SELECT count(*) FROM eventshop.event_audit WHERE event_id IN (SELECT event_id FROM batch)), 2::bigint,
+          '... changes nothing');
+SELECT is(eventshop._ingest_events(ARRAY['auth.events', 'auth.events'], ARRAY[5, 5], ARRAY[105, 106]::bigint[],
+          ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::text[], ARRAY['[1, 2]', '{"id": "not-used"}']), 2,
+          'a batch with messages that are no CloudEvents goes one by one and counts the rejected');
+SELECT is((SELECT count(*) FROM eventshop.rejected_events WHERE topic = 'auth.events' AND partition = 5
+             AND "offset" IN (105, 106)), 2::bigint, 'and records them as _ingest_event does');
+SELECT throws_ok($$SELECT eventshop._ingest_events(ARRAY['auth.events', 'auth.events'], ARRAY[5, 5],
+                   ARRAY[107, 108]::bigint[], ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::text[],
+                   ARRAY['{"id": "6c3c7f3e-2f68-4a3e-9d3f-0a9d2b1f7c11", "type": "x.y"}', '{not json'])$$,
+                 '22P02', NULL, 'a batch with a message that is no JSON fails whole (the dispatcher replays it one by one)');
 
 -- ---------------------------------------------------------------------------
 -- Offsets per batch, watermarks, lag and status
