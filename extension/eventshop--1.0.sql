@@ -205,6 +205,14 @@ AS 'MODULE_PATHNAME', 'eventshop_emit_event'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION eventshop._emit_event(text, text, text, jsonb) IS 'Internal: adds one CloudEvent to the outbox in the current transaction and returns its id.';
 
+-- Writes a batch of CloudEvents of one topic, in array order, with one
+-- statement; internal, like _emit_event.
+CREATE FUNCTION eventshop._emit_events(topic text, message_keys text[], event_types text[], data jsonb[])
+RETURNS integer
+AS 'MODULE_PATHNAME', 'eventshop_emit_events'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION eventshop._emit_events(text, text[], text[], jsonb[]) IS 'Internal: adds CloudEvents of one topic to the outbox in the current transaction, in array order (each checked as _emit_event checks it); returns how many.';
+
 CREATE FUNCTION eventshop._relay_stats(
 	OUT produced bigint, OUT acknowledged bigint, OUT parked bigint, OUT delivery_errors bigint,
 	OUT last_error text, OUT last_error_at timestamptz, OUT broker_state text, OUT worker_started_at timestamptz,
@@ -3037,7 +3045,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v_row record;
+	v_row		record;
+	v_keys		text[] := '{}';
+	v_types		text[] := '{}';
+	v_data		jsonb[] := '{}';
 BEGIN
 	IF cardinality(ids) IS DISTINCT FROM cardinality(outcomes)
 	   OR cardinality(ids) IS DISTINCT FROM cardinality(responses)
@@ -3078,20 +3089,24 @@ BEGIN
 		RETURNING n.id, n.event_id, n.status, n.channel, n.template, n.attempts, o.error_class
 	LOOP
 		IF v_row.status = 'sent' THEN
-			PERFORM eventshop._emit_event('notifications.events', v_row.id::text, 'notification.sent',
-				jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
-								   'channel', v_row.channel, 'template', v_row.template,
-								   'attempts', v_row.attempts));
+			v_keys := v_keys || v_row.id::text;
+			v_types := v_types || 'notification.sent'::text;
+			v_data := v_data || jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
+												   'channel', v_row.channel, 'template', v_row.template,
+												   'attempts', v_row.attempts);
 		ELSIF v_row.status = 'dead' THEN
-			PERFORM eventshop._emit_event('notifications.events', v_row.id::text, 'notification.failed',
-				jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
-								   'channel', v_row.channel, 'template', v_row.template,
-								   'attempts', v_row.attempts, 'error_class', v_row.error_class));
+			v_keys := v_keys || v_row.id::text;
+			v_types := v_types || 'notification.failed'::text;
+			v_data := v_data || jsonb_build_object('notification_id', v_row.id, 'event_id', v_row.event_id,
+												   'channel', v_row.channel, 'template', v_row.template,
+												   'attempts', v_row.attempts, 'error_class', v_row.error_class);
 		END IF;
 		id := v_row.id;
 		status := v_row.status;
 		RETURN NEXT;
 	END LOOP;
+	-- the round's final outcomes, in the order above, with one statement
+	PERFORM eventshop._emit_events('notifications.events', v_keys, v_types, v_data);
 END
 $$;
 COMMENT ON FUNCTION eventshop._record_deliveries(uuid[], text[], text[], text[], timestamptz[], integer[], integer, integer) IS 'Internal (sender workers): records a round of delivery attempts, schedules retries, dead-letters, and emits notification.sent/notification.failed for final outcomes.';

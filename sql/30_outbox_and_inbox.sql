@@ -9,7 +9,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(158);
+SELECT plan(165);
 
 -- ---------------------------------------------------------------------------
 -- _emit_event
@@ -61,6 +61,27 @@ SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', NULL, 'x.y', '{}'
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', 'k', NULL, '{}')$$, '23502',
                  'an event needs a type',
                  'a NULL event type is refused');
+
+-- _emit_events: a batch of one topic, in array order, checked as one by one
+SELECT is(eventshop._emit_events('notifications.events', ARRAY['batch-1', 'batch-2'],
+                                 ARRAY['notification.sent', 'notification.failed'],
+                                 ARRAY['{"n": 1}', '{"n": 2}']::jsonb[]), 2, '_emit_events writes a batch');
+SELECT results_eq($$SELECT message_key, event_type, payload->>'subject', payload->>'source', (payload->'data')::jsonb,
+                           payload->>'id' = event_id::text
+                    FROM eventshop.outbox WHERE message_key LIKE 'batch-%' ORDER BY id$$,
+                  $$VALUES ('batch-1', 'notification.sent', 'batch-1', '/eventshop/notifications', '{"n": 1}'::jsonb, true),
+                           ('batch-2', 'notification.failed', 'batch-2', '/eventshop/notifications', '{"n": 2}'::jsonb, true)$$,
+                  'in array order, each a CloudEvent as _emit_event writes it');
+SELECT is(eventshop._emit_events('auth.events', '{}', '{}', '{}'), 0, 'an empty batch writes nothing');
+SELECT throws_ok($$SELECT eventshop._emit_events('auth.events', ARRAY['ok', NULL], ARRAY['x.y', 'x.y'],
+                   ARRAY['{}', '{}']::jsonb[])$$, '23502', 'an event needs a message key',
+                 'a batch with a NULL key is refused');
+SELECT throws_ok($$SELECT eventshop._emit_events('auth.events', ARRAY['a', 'b'], ARRAY['x.y'], ARRAY['{}', '{}']::jsonb[])$$,
+                 '2202E', NULL, 'arrays of different lengths are refused');
+SELECT throws_ok($$SELECT eventshop._emit_events('nope.events', ARRAY['a'], ARRAY['x.y'], ARRAY['{}']::jsonb[])$$,
+                 '23514', 'unknown event topic "nope.events"', 'an unknown topic is refused');
+SELECT is((SELECT count(*) FROM eventshop.outbox WHERE message_key IN ('ok', 'a', 'b')), 0::bigint,
+          'a refused batch writes none of its events');
 
 -- ---------------------------------------------------------------------------
 -- outbox_status, and the outbox following its transaction
@@ -454,7 +475,8 @@ SELECT has_role('eventshop_app', 'eventshop_app is still there');
 SELECT lives_ok('CREATE EXTENSION eventshop', 'the extension can be created again with its roles in place');
 SELECT is((SELECT count(*) FROM eventshop.users), 0::bigint, 'starting empty');
 SELECT ok(has_function_privilege('eventshop_app', 'eventshop.register(text, text, text)', 'EXECUTE')
-          AND NOT has_function_privilege('eventshop_app', 'eventshop._emit_event(text, text, text, jsonb)', 'EXECUTE'),
+          AND NOT has_function_privilege('eventshop_app', 'eventshop._emit_event(text, text, text, jsonb)', 'EXECUTE')
+          AND NOT has_function_privilege('eventshop_app', 'eventshop._emit_events(text, text[], text[], jsonb[])', 'EXECUTE'),
           'and with the same privileges');
 
 SELECT * FROM finish();

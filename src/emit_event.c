@@ -19,6 +19,7 @@
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "port.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
@@ -38,11 +39,13 @@ static const char *const known_topics[] = {
 };
 
 static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr insert_many_plan = NULL;
 
 static void es_check_event(const char *topic, const char *message_key, const char *event_type);
 static void es_append_utc_time(StringInfo buf, TimestampTz now);
 
 PG_FUNCTION_INFO_V1(eventshop_emit_event);
+PG_FUNCTION_INFO_V1(eventshop_emit_events);
 
 Datum
 eventshop_emit_event(PG_FUNCTION_ARGS)
@@ -53,6 +56,79 @@ eventshop_emit_event(PG_FUNCTION_ARGS)
 	Jsonb	   *data = PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3);
 
 	PG_RETURN_UUID_P(es_emit_event(topic, message_key, event_type, data));
+}
+
+/*
+ * _emit_events(topic, message_keys[], event_types[], data[]): the events of
+ * a batch, in array order, with one statement instead of one per event.
+ * Each is checked as _emit_event checks it; any refusal writes none of
+ * them. Returns how many were written.
+ */
+Datum
+eventshop_emit_events(PG_FUNCTION_ARGS)
+{
+	const char *topic = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Datum	   *keys;
+	Datum	   *types;
+	Datum	   *data;
+	bool	   *key_nulls;
+	bool	   *type_nulls;
+	bool	   *data_nulls;
+	int			nkeys;
+	int			ntypes;
+	int			ndata;
+	Datum	   *ids;
+	Datum	   *payloads;
+	Oid			argtypes[5] = {TEXTOID, TEXTARRAYOID, UUIDARRAYOID, TEXTARRAYOID, JSONARRAYOID};
+	Datum		values[5];
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the message keys, event types and data of a batch of events must not be NULL")));
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT, &keys, &key_nulls, &nkeys);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TEXTOID, -1, false, TYPALIGN_INT, &types, &type_nulls, &ntypes);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(3), JSONBOID, -1, false, TYPALIGN_INT, &data, &data_nulls, &ndata);
+	if (nkeys != ntypes || nkeys != ndata)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("the message keys, event types and data of a batch of events must have the same length")));
+	if (nkeys == 0)
+		PG_RETURN_INT32(0);
+
+	ids = palloc(sizeof(Datum) * nkeys);
+	payloads = palloc(sizeof(Datum) * nkeys);
+	for (int i = 0; i < nkeys; i++)
+	{
+		pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
+
+		payloads[i] = PointerGetDatum(es_event_envelope(topic,
+														key_nulls[i] ? NULL : TextDatumGetCString(keys[i]),
+														type_nulls[i] ? NULL : TextDatumGetCString(types[i]),
+														data_nulls[i] ? NULL : DatumGetJsonbP(data[i]),
+														id));
+		ids[i] = UUIDPGetDatum(id);
+	}
+	values[0] = CStringGetTextDatum(topic);
+	values[1] = PointerGetDatum(construct_md_array(keys, key_nulls, 1, &nkeys, (int[]) {1}, TEXTOID, -1, false, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(ids, nkeys, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[3] = PointerGetDatum(construct_md_array(types, type_nulls, 1, &nkeys, (int[]) {1}, TEXTOID, -1, false, TYPALIGN_INT));
+	values[4] = PointerGetDatum(construct_array(payloads, nkeys, JSONOID, -1, false, TYPALIGN_INT));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_plan(es_keep_plan(&insert_many_plan,
+									  "INSERT INTO eventshop.outbox "
+									  "(topic, message_key, event_id, event_type, payload) "
+									  "SELECT $1, e.message_key, e.event_id, e.event_type, e.payload "
+									  "FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), "
+									  "pg_catalog.unnest($4), pg_catalog.unnest($5)) "
+									  "AS e(message_key, event_id, event_type, payload)",
+									  5, argtypes),
+						 values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "eventshop: writing events to the outbox failed");
+	SPI_finish();
+	PG_RETURN_INT32(nkeys);
 }
 
 /*
