@@ -40,7 +40,10 @@ cc -O2 -Wall -Wextra -Werror -o "$tools/smtp_blast" "$here/smtp_blast.c" $(pkg-c
 sink_port=$(es_free_port)
 "$tools/smtp_sink" "$sink_port" "$tools/sink.status" &
 sink_pid=$!
-"$BENCH_BIN/eventshop-devbroker" --bootstrap-file "$tools/bootstrap" >"$tools/devbroker.log" 2>&1 &
+# the dev broker keeps the last 5 MB of each partition: enough partitions that
+# no event of the pipeline phase (~600 bytes each) is dropped before it is read
+"$BENCH_BIN/eventshop-devbroker" --partitions $((MAILS / 4000 + 3)) --bootstrap-file "$tools/bootstrap" \
+	>"$tools/devbroker.log" 2>&1 &
 broker_pid=$!
 cleanup() {
 	bench_stop_cluster
