@@ -2970,7 +2970,11 @@ COMMENT ON TABLE eventshop.notifications IS 'Notification queue: one row per (ev
 
 CREATE TABLE eventshop.notification_attempts (
 	id				bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-	notification_id	uuid NOT NULL REFERENCES eventshop.notifications (id) ON DELETE CASCADE,
+	-- eventshop.notifications (id). Not a foreign key: its check would lock the
+	-- notification once more per attempt on the senders' hot path. Attempts are
+	-- written only by _record_deliveries, for notifications that exist, and
+	-- deleted with their notification by discard_dead_letter.
+	notification_id	uuid NOT NULL,
 	attempted_at	timestamptz NOT NULL DEFAULT clock_timestamp(),
 	succeeded		boolean NOT NULL,
 	response		text,
@@ -3209,7 +3213,9 @@ AS $$
 BEGIN
 	DELETE FROM eventshop.notifications n
 	WHERE n.id = discard_dead_letter.notification_id AND n.status = 'dead';
-	IF NOT FOUND THEN
+	IF FOUND THEN
+		DELETE FROM eventshop.notification_attempts a WHERE a.notification_id = discard_dead_letter.notification_id;
+	ELSE
 		IF EXISTS (SELECT 1 FROM eventshop.notifications n WHERE n.id = discard_dead_letter.notification_id) THEN
 			RAISE EXCEPTION 'notification % is not dead-lettered', notification_id
 				USING ERRCODE = 'object_not_in_prerequisite_state';
