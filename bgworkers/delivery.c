@@ -94,3 +94,17 @@ es_delivery_release(EsDelivery *delivery)
 		pfree(delivery->payload);
 	delivery->payload = NULL;
 }
+
+/* libcurl read callback (CURLOPT_READDATA = the delivery): the next piece of the payload. */
+size_t
+es_delivery_read_payload(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	EsDelivery *delivery = (EsDelivery *) userdata;
+	size_t		room = size * nitems;
+	size_t		left = delivery->payload_length - delivery->payload_sent;
+	size_t		n = left < room ? left : room;
+
+	memcpy(buffer, delivery->payload + delivery->payload_sent, n);
+	delivery->payload_sent += n;
+	return n;
+}

@@ -76,6 +76,9 @@ extern void es_delivery_set_curl_error(EsDelivery *delivery, CURLcode rc);
 /* TLS options shared by every channel: certificate checks and CA file. */
 extern void es_delivery_set_tls(CURL *easy);
 
+/* libcurl read callback (CURLOPT_READDATA = the delivery): the next piece of the payload. */
+extern size_t es_delivery_read_payload(char *buffer, size_t size, size_t nitems, void *userdata);
+
 /* Frees what a prepare function attached to the delivery (list, payload). */
 extern void es_delivery_release(EsDelivery *delivery);
 

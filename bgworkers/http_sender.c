@@ -37,7 +37,6 @@ static bool http_channel_settings(EsDelivery *delivery, const char **url, const 
 static char *http_build_body(const EsDelivery *delivery);
 static bool http_add_header(EsDelivery *delivery, const char *fmt,...) pg_attribute_printf(2, 3);
 static bool http_sign(EsDelivery *delivery, const EsSecret *secret);
-static size_t http_read(char *buffer, size_t size, size_t nitems, void *userdata);
 static size_t http_write(char *data, size_t size, size_t nmemb, void *userdata);
 
 /* Sets up the POST: URL, body, headers (signature, token), timeouts and TLS. */
@@ -71,7 +70,7 @@ es_http_prepare(EsDelivery *delivery, CURL *easy)
 	es_delivery_set_tls(easy);
 	curl_easy_setopt(easy, CURLOPT_POST, 1L);
 	curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) delivery->payload_length);
-	curl_easy_setopt(easy, CURLOPT_READFUNCTION, http_read);
+	curl_easy_setopt(easy, CURLOPT_READFUNCTION, es_delivery_read_payload);
 	curl_easy_setopt(easy, CURLOPT_READDATA, delivery);
 	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, delivery->list);
 	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, http_write);
@@ -236,20 +235,6 @@ http_sign(EsDelivery *delivery, const EsSecret *secret)
 		snprintf(hex + 2 * i, 3, "%02x", mac[i]);
 	return http_add_header(delivery, ES_WEBHOOK_TIMESTAMP_HEADER ": %s", timestamp) &&
 		http_add_header(delivery, ES_WEBHOOK_SIGNATURE_HEADER ": v1=%s", hex);
-}
-
-/* libcurl read callback: hands out the next piece of the body. */
-static size_t
-http_read(char *buffer, size_t size, size_t nitems, void *userdata)
-{
-	EsDelivery *delivery = (EsDelivery *) userdata;
-	size_t		room = size * nitems;
-	size_t		left = delivery->payload_length - delivery->payload_sent;
-	size_t		n = left < room ? left : room;
-
-	memcpy(buffer, delivery->payload + delivery->payload_sent, n);
-	delivery->payload_sent += n;
-	return n;
 }
 
 /* libcurl write callback: keeps the start of the response body for the attempts table. */

@@ -51,7 +51,6 @@ static void smtp_append_subject(StringInfo buf, const char *subject);
 static bool smtp_body_is_7bit(const char *body);
 static void smtp_append_body(StringInfo buf, const char *body, bool quoted_printable);
 static void smtp_append_qp_line(StringInfo buf, const char *line, size_t length);
-static size_t smtp_read(char *buffer, size_t size, size_t nitems, void *userdata);
 static int	smtp_debug(CURL *handle, curl_infotype type, char *data, size_t size, void *userdata);
 
 /*
@@ -127,7 +126,7 @@ es_smtp_prepare(EsDelivery *delivery, CURL *easy)
 	curl_easy_setopt(easy, CURLOPT_MAIL_RCPT, delivery->list);
 	curl_easy_setopt(easy, CURLOPT_UPLOAD, 1L);
 	curl_easy_setopt(easy, CURLOPT_INFILESIZE_LARGE, (curl_off_t) delivery->payload_length);
-	curl_easy_setopt(easy, CURLOPT_READFUNCTION, smtp_read);
+	curl_easy_setopt(easy, CURLOPT_READFUNCTION, es_delivery_read_payload);
 	curl_easy_setopt(easy, CURLOPT_READDATA, delivery);
 	/* the debug callback only looks at server replies: to keep the last one */
 	curl_easy_setopt(easy, CURLOPT_VERBOSE, 1L);
@@ -358,20 +357,6 @@ smtp_append_qp_line(StringInfo buf, const char *line, size_t length)
 			appendStringInfo(buf, "=%02X", c);
 		column += width;
 	}
-}
-
-/* libcurl read callback: hands out the next piece of the message. */
-static size_t
-smtp_read(char *buffer, size_t size, size_t nitems, void *userdata)
-{
-	EsDelivery *delivery = (EsDelivery *) userdata;
-	size_t		room = size * nitems;
-	size_t		left = delivery->payload_length - delivery->payload_sent;
-	size_t		n = left < room ? left : room;
-
-	memcpy(buffer, delivery->payload + delivery->payload_sent, n);
-	delivery->payload_sent += n;
-	return n;
 }
 
 /*
