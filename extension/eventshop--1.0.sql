@@ -111,13 +111,23 @@ AS 'MODULE_PATHNAME', 'eventshop_next_outbox_id'
 LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION eventshop._next_outbox_id() IS 'Internal: the next outbox row id, drawn only after the transaction has its id (the relay''s commit-order reasoning depends on it).';
 
+CREATE FUNCTION eventshop._is_event_topic(topic text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventshop_is_event_topic'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._is_event_topic(text) IS 'Internal: whether topic is one of the topics of ../shared/DESIGN.md (the outbox''s CHECK; the list lives in src/emit_event.c).';
+
+CREATE FUNCTION eventshop._is_message_key(message_key text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventshop_is_message_key'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._is_message_key(text) IS 'Internal: whether message_key is a Kafka message key of 1 to 512 bytes (the outbox''s CHECK).';
+
 CREATE TABLE eventshop.outbox (
 	id				bigint NOT NULL DEFAULT eventshop._next_outbox_id(),
 	txid			xid8 NOT NULL DEFAULT pg_current_xact_id(),
-	topic			text NOT NULL CHECK (topic IN ('auth.events', 'orders.events', 'payments.events',
-												   'registrations.events', 'invites.events',
-												   'notifications.events')),
-	message_key		text NOT NULL CHECK (octet_length(message_key) BETWEEN 1 AND 512),
+	topic			text NOT NULL CONSTRAINT outbox_topic_check CHECK (eventshop._is_event_topic(topic)),
+	message_key		text NOT NULL CONSTRAINT outbox_message_key_check CHECK (eventshop._is_message_key(message_key)),
 	event_id		uuid NOT NULL,
 	event_type		text NOT NULL,
 	payload			json NOT NULL,
@@ -1619,11 +1629,13 @@ COMMENT ON FUNCTION eventshop.purge_expired_auth_data() IS 'Deletes sessions (an
 -- impossible whatever a function does.
 --
 -- Locking (why nothing deadlocks): a function that changes stock locks every
--- product row it touches in ONE statement, ORDER BY id, before changing any
--- of them; a function that changes an order locks the order row first (and
--- only that one, except expire_reservations, which skips locked orders), then
--- its products in id order. place_order locks no order (its order is new).
--- So all lock waits go order -> products in ascending id, and no cycle forms.
+-- product row it touches in ONE statement, in SKU order (ORDER BY sku, or,
+-- for place_order, an UPDATE that can reach the rows only through the unique
+-- index on sku), before changing any of them; a function that changes an
+-- order locks the order row first (and only that one, except
+-- expire_reservations, which skips locked orders), then its products in SKU
+-- order. place_order locks no order (its order is new). So all lock waits go
+-- order -> products in ascending SKU, and no cycle forms.
 --
 -- Lifecycle (enforced by a trigger as well as by each function):
 --   reserved -> paid -> completed -> refunded
@@ -1649,6 +1661,15 @@ COMMENT ON DOMAIN eventshop.order_status IS 'The status of an order: reserved ->
 CREATE DOMAIN eventshop.line_quantity AS integer CHECK (VALUE BETWEEN 1 AND 1000);
 COMMENT ON DOMAIN eventshop.line_quantity IS 'Units of one product in an order or cart line: 1 to 1000.';
 
+-- The products' CHECK as a C function (see src/orders.c: a CHECK expression
+-- is read back from text and planned by every statement that writes the
+-- table, and every order writes it).
+CREATE FUNCTION eventshop._stock_within(reserved integer, stock_on_hand integer)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventshop_stock_within'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION eventshop._stock_within(integer, integer) IS 'Internal: 0 <= reserved <= stock_on_hand, the products'' no-oversell CHECK.';
+
 CREATE TABLE eventshop.products (
 	id				bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
 	sku				eventshop.sku NOT NULL,
@@ -1665,7 +1686,7 @@ CREATE TABLE eventshop.products (
 	updated_at		timestamptz NOT NULL DEFAULT now(),
 	CONSTRAINT products_sku_key UNIQUE (sku),
 	-- the no-oversell invariant (and stock_on_hand >= 0), whatever a function does
-	CONSTRAINT products_stock_check CHECK (0 <= reserved AND reserved <= stock_on_hand)
+	CONSTRAINT products_stock_check CHECK (eventshop._stock_within(reserved, stock_on_hand))
 ) WITH (fillfactor = 80);		-- room for HOT updates of the stock counters
 COMMENT ON TABLE eventshop.products IS 'The catalog. Prices in integer minor units of currency (ISO 4217). reserved = units held by orders in status reserved; available = stock_on_hand - reserved, and reserved <= stock_on_hand always holds (no oversell). version increases with every change of the admin-editable fields and of stock_on_hand (optimistic concurrency for update_product).';
 SELECT pg_catalog.pg_extension_config_dump('eventshop.products', '');
@@ -2213,7 +2234,7 @@ COMMENT ON FUNCTION eventshop.search_products(text, text, integer, text) IS 'Act
 -- Inventory: reserve (inside place_order), release, consume, restock.
 -- ---------------------------------------------------------------------------
 
--- Locks the products of the given orders in id order and gives their
+-- Locks the products of the given orders in SKU order and gives their
 -- reserved units back. The caller holds the order rows.
 CREATE FUNCTION eventshop._release_stock(order_ids uuid[])
 RETURNS void
@@ -2223,7 +2244,7 @@ AS $$
 BEGIN
 	PERFORM 1 FROM eventshop.products p
 	WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = ANY (order_ids))
-	ORDER BY p.id
+	ORDER BY p.sku
 	FOR NO KEY UPDATE;
 	UPDATE eventshop.products p SET reserved = p.reserved - q.quantity
 	FROM (SELECT i.product_id, sum(i.quantity)::integer AS quantity
@@ -2232,7 +2253,7 @@ BEGIN
 	WHERE p.id = q.product_id;
 END
 $$;
-COMMENT ON FUNCTION eventshop._release_stock(uuid[]) IS 'Internal: releases the reservations of the given orders (locks their products in id order, then lowers reserved).';
+COMMENT ON FUNCTION eventshop._release_stock(uuid[]) IS 'Internal: releases the reservations of the given orders (locks their products in SKU order, then lowers reserved).';
 
 CREATE FUNCTION eventshop.expire_reservations(max_orders integer DEFAULT 1000)
 RETURNS integer
@@ -2291,9 +2312,9 @@ LANGUAGE C IMMUTABLE;
 COMMENT ON FUNCTION eventshop._parse_order_items(jsonb) IS 'Internal: validates the items of an order, [{"sku": ..., "quantity": 1..1000}] with no other key, 1 to 100 distinct SKUs, and returns them as aligned arrays. Errors: 22004 NULL, 22023 naming the first bad item.';
 
 -- Places an order for the authenticated user: the inventory's "reserve" (C,
--- src/place_order.c: one statement locks every product of the order in id
--- order, reserves the lines that can be served and returns what the checks
--- and the snapshot need; one writes the order with its lines; then the
+-- src/place_order.c: one UPDATE reserves every line that can be served,
+-- locking its product in SKU order, and returns what the checks and the
+-- snapshot need; one statement writes the order with its lines and its
 -- event. Statements prepared once per backend). The two-argument form authenticates with an access token
 -- first (as eventshop.authenticate, establishing the caller for the rest of
 -- the transaction), so that an order takes one round trip.
@@ -2303,7 +2324,7 @@ AS 'MODULE_PATHNAME', 'eventshop_place_order'
 LANGUAGE C VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in id order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 28000 not authenticated.';
+COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in SKU order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 40001 stock added while the order was placed (retry); 28000 not authenticated.';
 
 CREATE FUNCTION eventshop.place_order(access_token text, items jsonb)
 RETURNS eventshop.order_summary
@@ -2748,7 +2769,7 @@ BEGIN
 			-- Consume the reservation: the units leave the stock for good.
 			PERFORM 1 FROM eventshop.products p
 			WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = v_order.id)
-			ORDER BY p.id
+			ORDER BY p.sku
 			FOR NO KEY UPDATE;
 			UPDATE eventshop.products p
 			SET stock_on_hand = p.stock_on_hand - i.quantity, reserved = p.reserved - i.quantity,
@@ -2774,7 +2795,7 @@ BEGIN
 		-- Restock: the units come back to the shelf.
 		PERFORM 1 FROM eventshop.products p
 		WHERE p.id IN (SELECT i.product_id FROM eventshop.order_items i WHERE i.order_id = v_order.id)
-		ORDER BY p.id
+		ORDER BY p.sku
 		FOR NO KEY UPDATE;
 		UPDATE eventshop.products p
 		SET stock_on_hand = p.stock_on_hand + i.quantity, version = p.version + 1, updated_at = clock_timestamp()

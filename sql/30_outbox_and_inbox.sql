@@ -9,7 +9,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(165);
+SELECT plan(168);
 
 -- ---------------------------------------------------------------------------
 -- _emit_event
@@ -61,6 +61,19 @@ SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', NULL, 'x.y', '{}'
 SELECT throws_ok($$SELECT eventshop._emit_event('auth.events', 'k', NULL, '{}')$$, '23502',
                  'an event needs a type',
                  'a NULL event type is refused');
+-- the table keeps the same rules for a row written without _emit_event
+SELECT throws_ok($$INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload)
+                   VALUES ('nope.events', 'k', gen_random_uuid(), 'x.y', '{}')$$, '23514',
+                 'new row for relation "outbox_0" violates check constraint "outbox_topic_check"',
+                 'the outbox itself refuses an unknown topic');
+SELECT throws_ok($$INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload)
+                   VALUES ('auth.events', '', gen_random_uuid(), 'x.y', '{}')$$, '23514',
+                 'new row for relation "outbox_0" violates check constraint "outbox_message_key_check"',
+                 'the outbox itself refuses an empty message key');
+SELECT throws_ok($$INSERT INTO eventshop.outbox (topic, message_key, event_id, event_type, payload)
+                   VALUES ('auth.events', repeat('k', 513), gen_random_uuid(), 'x.y', '{}')$$, '23514',
+                 'new row for relation "outbox_0" violates check constraint "outbox_message_key_check"',
+                 'the outbox itself refuses a message key over 512 bytes');
 
 -- _emit_events: a batch of one topic, in array order, checked as one by one
 SELECT is(eventshop._emit_events('notifications.events', ARRAY['batch-1', 'batch-2'],

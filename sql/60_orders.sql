@@ -14,7 +14,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(293);
+SELECT plan(309);
 
 CREATE ROLE regress_orders_app NOLOGIN IN ROLE eventshop_app;
 CREATE ROLE regress_orders_gw NOLOGIN IN ROLE eventshop_gateway;
@@ -32,6 +32,18 @@ BEGIN
 EXCEPTION WHEN OTHERS THEN
 	GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
 	RETURN v_state || ': ' || v_message;
+END
+$$;
+-- The same with the detail: 'SQLSTATE: message / detail'.
+CREATE FUNCTION regress_orders.error_detail_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+	v_state text; v_message text; v_detail text;
+BEGIN
+	EXECUTE sql;
+	RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+	GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+	RETURN v_state || ': ' || v_message || ' / ' || v_detail;
 END
 $$;
 -- Test-only peeks at the tables, usable under SET ROLE (the tables are
@@ -811,6 +823,77 @@ SELECT is(eventshop.current_user_id(), NULL, 'a refused call leaves no caller be
 RESET ROLE;
 SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/2',
           'the refused calls wrote nothing, reserved nothing and emitted no event');
+
+-- The caller's session, account and signing key are read by the reserve
+-- statement itself: each refusal must still come first, lock nothing and
+-- write nothing, also for a token whose signature the backend remembers.
+SELECT eventshop.register('carol.orders@example.com', 'carol orders passphrase') AS carol_id \gset
+SELECT access_token AS carol1, session_id AS carol1_sid FROM eventshop.login('carol.orders@example.com', 'carol orders passphrase') \gset
+SELECT access_token AS carol2 FROM eventshop.login('carol.orders@example.com', 'carol orders passphrase') \gset
+SET ROLE regress_orders_app;
+SELECT lives_ok(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
+                'carol orders in one call (her token''s signature is now remembered)');
+SELECT lives_ok(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
+                'and with her second session');
+RESET ROLE;
+SELECT regress_orders.row_counts() AS counts_before \gset
+UPDATE eventshop.sessions SET revoked_at = clock_timestamp(), revoked_reason = 'revoked_by_user' WHERE id = :'carol1_sid';
+SET ROLE regress_orders_app;
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The session has ended.', 'place_order(access_token, items) refuses an ended session');
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[]')),
+          '28000: invalid token / The session has ended.', 'an ended session is reported before bad items');
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[{"sku": "NOPE-9", "quantity": 1}]')),
+          '28000: invalid token / The session has ended.', 'an ended session is reported before an unknown SKU');
+RESET ROLE;
+UPDATE eventshop.users SET status = 'blocked', blocked_at = clock_timestamp() WHERE id = :'carol_id';
+SET ROLE regress_orders_app;
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The account is blocked.', 'place_order(access_token, items) refuses a blocked account');
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '{"sku": "ONE-CALL-1"}')),
+          '28000: invalid token / The account is blocked.', 'a blocked account is reported before malformed items');
+RESET ROLE;
+UPDATE eventshop.users SET status = 'active', blocked_at = NULL, valid_after = clock_timestamp() + interval '2 seconds' WHERE id = :'carol_id';
+SET ROLE regress_orders_app;
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The token was issued before the account''s credentials changed.',
+          'place_order(access_token, items) refuses a token older than the account''s credentials');
+RESET ROLE;
+UPDATE eventshop.users SET valid_after = '-infinity' WHERE id = :'carol_id';
+-- a token naming a session of another user (signed by the active key)
+SELECT eventshop._jwt_sign(jsonb_build_object(
+	'iss', 'eventshop', 'aud', 'eventshop', 'sub', :'bob_id', 'sid', s.id::text, 'typ', 'access', 'jti', 'regress-orders',
+	'iat', floor(extract(epoch FROM now())) - 5, 'nbf', floor(extract(epoch FROM now())) - 5,
+	'exp', floor(extract(epoch FROM now())) + 600)) AS bob_with_carols_session
+FROM eventshop.sessions s WHERE s.user_id = :'carol_id' AND s.revoked_at IS NULL LIMIT 1 \gset
+SET ROLE regress_orders_app;
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The session is unknown.', 'place_order(access_token, items) refuses another user''s session');
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The session is unknown.', 'also once its signature is remembered');
+RESET ROLE;
+SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/4',
+          'the refused callers wrote nothing, reserved nothing and emitted no event');
+SET ROLE regress_orders_app;
+SELECT lives_ok(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
+                'carol orders again once her account is in order');
+SELECT regress_orders.row_counts() AS counts_before \gset
+RESET ROLE;
+-- revoking the key that signed a remembered token refuses it at once
+SELECT convert_from(decode(translate(split_part(:'carol2', '.', 1), '-_', '+/')
+                           || repeat('=', (4 - length(split_part(:'carol2', '.', 1)) % 4) % 4), 'base64'), 'UTF8')::jsonb->>'kid' AS carol_kid \gset
+SELECT eventshop.rotate_signing_keys() IS NOT NULL AS rotated \gset
+SELECT eventshop.revoke_signing_key(:'carol_kid') AS revoked \gset
+SET ROLE regress_orders_app;
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]')),
+          '28000: invalid token / The signing key was revoked.', 'place_order(access_token, items) refuses a remembered token once its key is revoked');
+SELECT is(regress_orders.error_detail_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[]')),
+          '28000: invalid token / The signing key was revoked.', 'a revoked key is reported before bad items');
+RESET ROLE;
+SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/5',
+          'a refused remembered token wrote nothing, reserved nothing and emitted no event');
+SELECT is((SELECT count(*) FROM pg_locks l WHERE l.locktype = 'tuple' OR (l.locktype = 'transactionid' AND NOT l.granted)), 0::bigint,
+          'and no lock is left behind');
 
 -- ---------------------------------------------------------------------------
 -- Privileges of the new roles and internal functions

@@ -19,6 +19,11 @@
  *      token was not issued (iat, to the second) before the account's
  *      valid_after.
  *
+ * The key state of check 1 is read on every call. For a token whose
+ * signature this backend verified before, it is read by the statement of
+ * check 3 (es_jwt_verify_deferred), which saves a statement per call;
+ * problems are still reported in the order above.
+ *
  * Then the caller is established for the rest of the transaction
  * (auth_context.c). _require_user re-reads the session and the account on
  * every call, so a revocation committed elsewhere applies to the caller's
@@ -44,14 +49,27 @@
 #include "authenticate.h"
 #include "config.h"
 #include "jwt.h"
+#include "key_store.h"
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(eventshop_authenticate);
 PG_FUNCTION_INFO_V1(eventshop_require_user);
 
-static SPIPlanPtr es_plan_session = NULL;
+/* An access token whose signature and claims are checked (es_verify_access_token). */
+typedef struct EsAccessClaims
+{
+	pg_uuid_t	user_id;		/* sub */
+	pg_uuid_t	session_id;		/* sid */
+	Numeric		iat;
+	EsJwtKeyCheck key;			/* its signing key, possibly still to be checked */
+} EsAccessClaims;
+
+static SPIPlanPtr es_plan_caller = NULL;
 static SPIPlanPtr es_plan_live = NULL;
 
+static void es_verify_access_token(text *token, EsAccessClaims *claims);
+static ArrayType *es_check_caller(EsAccessClaims *claims);
+static void es_claim_invalid(EsAccessClaims *claims, const char *detail) pg_attribute_noreturn();
 static JsonbValue *es_claim(Jsonb *claims, const char *name);
 static bool es_claim_is_string(JsonbValue *v, const char *s);
 static bool es_parse_lower_uuid(JsonbValue *v, pg_uuid_t *out);
@@ -85,8 +103,26 @@ eventshop_authenticate(PG_FUNCTION_ARGS)
 ArrayType *
 es_authenticate(text *token, pg_uuid_t *user_id, pg_uuid_t *session_id)
 {
+	EsAccessClaims claims;
+	ArrayType  *roles;
+
+	es_verify_access_token(token, &claims);
+	roles = es_check_caller(&claims);
+	*user_id = claims.user_id;
+	*session_id = claims.session_id;
+	return roles;
+}
+
+/*
+ * Checks 1 and 2 of the file header (NULL token: none given) and fills in
+ * claims. The signing key's state may still be pending (jwt.h):
+ * es_check_caller completes it. A wrong claim is reported after a bad key.
+ */
+static void
+es_verify_access_token(text *token, EsAccessClaims *claims)
+{
 	JsonbValue *payload;
-	Jsonb	   *claims;
+	Jsonb	   *jb;
 	JsonbValue *v;
 	JsonbValue *exp;
 	JsonbValue *nbf;
@@ -94,27 +130,18 @@ es_authenticate(text *token, pg_uuid_t *user_id, pg_uuid_t *session_id)
 	Numeric		now;
 	const char *audience = es_jwt_audience ? es_jwt_audience : "";
 	bool		aud_ok = false;
-	Oid			argtypes[1] = {UUIDOID};
-	Datum		args[1];
-	bool		isnull;
-	bool		ended;
-	bool		blocked;
-	Datum		valid_after;
-	bool		valid_after_null;
-	ArrayType  *roles;
-	pg_uuid_t	owner;
 
 	if (token == NULL)
 		es_invalid_token("No token was given.");
-	payload = es_jwt_verify(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token));
-	claims = JsonbValueToJsonb(payload);
+	payload = es_jwt_verify_deferred(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), &claims->key);
+	jb = JsonbValueToJsonb(payload);
 	/* extract(epoch FROM clock_timestamp()), to the microsecond */
 	now = int64_div_fast_to_numeric(GetCurrentTimestamp() +
 									(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY, 6);
 
-	if (!es_claim_is_string(es_claim(claims, "iss"), es_jwt_issuer ? es_jwt_issuer : ""))
-		es_invalid_token("The issuer (iss) is missing or wrong.");
-	v = es_claim(claims, "aud");
+	if (!es_claim_is_string(es_claim(jb, "iss"), es_jwt_issuer ? es_jwt_issuer : ""))
+		es_claim_invalid(claims, "The issuer (iss) is missing or wrong.");
+	v = es_claim(jb, "aud");
 	if (v != NULL && v->type == jbvString)
 		aud_ok = es_claim_is_string(v, audience);
 	else if (v != NULL && v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
@@ -125,62 +152,110 @@ es_authenticate(text *token, pg_uuid_t *user_id, pg_uuid_t *session_id)
 			aud_ok = es_claim_is_string(getIthJsonbValueFromContainer(v->val.binary.data, i), audience);
 	}
 	if (!aud_ok)
-		es_invalid_token("The audience (aud) is missing or wrong.");
-	if (!es_claim_is_string(es_claim(claims, "typ"), "access"))
-		es_invalid_token("The token is not an access token (typ).");
-	exp = es_claim(claims, "exp");
-	nbf = es_claim(claims, "nbf");
-	iat = es_claim(claims, "iat");
+		es_claim_invalid(claims, "The audience (aud) is missing or wrong.");
+	if (!es_claim_is_string(es_claim(jb, "typ"), "access"))
+		es_claim_invalid(claims, "The token is not an access token (typ).");
+	exp = es_claim(jb, "exp");
+	nbf = es_claim(jb, "nbf");
+	iat = es_claim(jb, "iat");
 	if (exp == NULL || exp->type != jbvNumeric || nbf == NULL || nbf->type != jbvNumeric ||
 		iat == NULL || iat->type != jbvNumeric)
-		es_invalid_token("The time claims (exp, nbf, iat) must be numbers.");
+		es_claim_invalid(claims, "The time claims (exp, nbf, iat) must be numbers.");
 	if (es_numeric_cmp(exp->val.numeric, now) <= 0)
-		es_invalid_token("The token has expired.");
+		es_claim_invalid(claims, "The token has expired.");
 	if (es_numeric_cmp(nbf->val.numeric, now) > 0)
-		es_invalid_token("The token is not valid yet (nbf).");
+		es_claim_invalid(claims, "The token is not valid yet (nbf).");
 	if (es_numeric_cmp(iat->val.numeric, now) > 0)
-		es_invalid_token("The token was issued in the future (iat).");
-	v = es_claim(claims, "jti");
+		es_claim_invalid(claims, "The token was issued in the future (iat).");
+	v = es_claim(jb, "jti");
 	if (v == NULL || v->type != jbvString || v->val.string.len < 1 || v->val.string.len > 128)
-		es_invalid_token("The token id (jti) is missing.");
-	if (!es_parse_lower_uuid(es_claim(claims, "sub"), user_id))
-		es_invalid_token("The subject (sub) is missing or not a user id.");
-	if (!es_parse_lower_uuid(es_claim(claims, "sid"), session_id))
-		es_invalid_token("The session (sid) is missing or not a session id.");
+		es_claim_invalid(claims, "The token id (jti) is missing.");
+	if (!es_parse_lower_uuid(es_claim(jb, "sub"), &claims->user_id))
+		es_claim_invalid(claims, "The subject (sub) is missing or not a user id.");
+	if (!es_parse_lower_uuid(es_claim(jb, "sid"), &claims->session_id))
+		es_claim_invalid(claims, "The session (sid) is missing or not a session id.");
+	claims->iat = iat->val.numeric;
+}
+
+/* A claim is wrong. The key's state is check 1 and comes first, if not read yet. */
+static void
+es_claim_invalid(EsAccessClaims *claims, const char *detail)
+{
+	es_jwt_check_key_now(&claims->key);
+	es_invalid_token("%s", detail);
+}
+
+/*
+ * Check 3: the session, the account and, when es_jwt_verify_deferred left
+ * it pending, the signing key's state, all read by one statement; then
+ * establishes the caller for the rest of the transaction and returns its
+ * roles (copied out of SPI).
+ */
+static ArrayType *
+es_check_caller(EsAccessClaims *claims)
+{
+	Oid			argtypes[3] = {UUIDOID, TEXTOID, INT4OID};
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	HeapTuple	row;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		valid_after;
+	bool		valid_after_null;
+	ArrayType  *roles;
+	pg_uuid_t	owner;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	args[0] = UUIDPGetDatum(session_id);
-	if (SPI_execute_plan(es_keep_plan(&es_plan_session,
-									  "SELECT s.user_id, s.revoked_at IS NOT NULL OR s.expires_at <= pg_catalog.clock_timestamp(), "
+	args[0] = UUIDPGetDatum(&claims->session_id);
+	if (claims->key.pending)
+		args[1] = CStringGetTextDatum(claims->key.kid);
+	else
+		nulls[1] = 'n';
+	args[2] = Int32GetDatum(es_access_token_ttl_s);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_caller,
+									  "SELECT s.user_id, "
+									  "s.revoked_at IS NOT NULL OR s.expires_at <= pg_catalog.clock_timestamp(), "
 									  "u.blocked_at IS NOT NULL, "
 									  "pg_catalog.date_part('epoch'::text, pg_catalog.date_trunc('second'::text, u.valid_after))::pg_catalog.numeric, "
-									  "u.roles "
+									  "u.roles, "
+									  "(SELECT " ES_KEY_STATE_SQL("$3") " FROM eventshop.signing_keys k WHERE k.kid = $2) "
 									  "FROM eventshop.sessions s JOIN eventshop.users u ON u.id = s.user_id "
 									  "WHERE s.id = $1",
-									  1, argtypes),
-						 args, NULL, false, 1) != SPI_OK_SELECT)
+									  3, argtypes),
+						 args, nulls, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "session lookup failed");
 	if (SPI_processed != 1)
+	{
+		es_jwt_check_key_now(&claims->key);
 		es_invalid_token("The session is unknown.");
-	owner = *DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (memcmp(owner.data, user_id->data, UUID_LEN) != 0)
+	}
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	if (claims->key.pending)
+	{
+		int			key_alg;
+		Datum		state = SPI_getbinval(row, desc, 6, &isnull);
+
+		EsKeyStatus status = es_key_state_decode(state, isnull, &key_alg);
+
+		es_jwt_check_key(&claims->key, status, key_alg);
+	}
+	owner = *DatumGetUUIDP(SPI_getbinval(row, desc, 1, &isnull));
+	if (memcmp(owner.data, claims->user_id.data, UUID_LEN) != 0)
 		es_invalid_token("The session is unknown.");
-	ended = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	if (ended)
+	if (DatumGetBool(SPI_getbinval(row, desc, 2, &isnull)))
 		es_invalid_token("The session has ended.");
-	blocked = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
-	if (blocked)
+	if (DatumGetBool(SPI_getbinval(row, desc, 3, &isnull)))
 		es_invalid_token("The account is blocked.");
 	/* second granularity, as iat: tokens issued in an earlier second are refused */
-	valid_after = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &valid_after_null);
-	if (!valid_after_null && es_numeric_cmp(iat->val.numeric, DatumGetNumeric(valid_after)) < 0)
+	valid_after = SPI_getbinval(row, desc, 4, &valid_after_null);
+	if (!valid_after_null && es_numeric_cmp(claims->iat, DatumGetNumeric(valid_after)) < 0)
 		es_invalid_token("The token was issued before the account's credentials changed.");
-	roles = DatumGetArrayTypeP(SPI_datumTransfer(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-															  5, &isnull), false, -1));
+	roles = DatumGetArrayTypeP(SPI_datumTransfer(SPI_getbinval(row, desc, 5, &isnull), false, -1));
 	SPI_finish();
 
-	es_auth_set(user_id, roles, session_id);
+	es_auth_set(&claims->user_id, roles, &claims->session_id);
 	return roles;
 }
 

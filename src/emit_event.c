@@ -41,11 +41,14 @@ static const char *const known_topics[] = {
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr insert_many_plan = NULL;
 
+static bool es_known_topic(const char *topic, size_t len);
 static void es_check_event(const char *topic, const char *message_key, const char *event_type);
 static void es_append_utc_time(StringInfo buf, TimestampTz now);
 
 PG_FUNCTION_INFO_V1(eventshop_emit_event);
 PG_FUNCTION_INFO_V1(eventshop_emit_events);
+PG_FUNCTION_INFO_V1(eventshop_is_event_topic);
+PG_FUNCTION_INFO_V1(eventshop_is_message_key);
 
 Datum
 eventshop_emit_event(PG_FUNCTION_ARGS)
@@ -205,16 +208,46 @@ es_event_envelope(const char *topic, const char *message_key, const char *event_
 	return cstring_to_text_with_len(payload.data, payload.len);
 }
 
+/*
+ * _is_event_topic(topic) -> boolean: the outbox's CHECK on topic. The
+ * outbox's CHECKs are C functions rather than expressions: a table's CHECK
+ * is read back from its catalog text and planned again by every INSERT
+ * statement, and a call with a column argument is the cheapest to read.
+ */
+Datum
+eventshop_is_event_topic(PG_FUNCTION_ARGS)
+{
+	text	   *topic = PG_GETARG_TEXT_PP(0);
+
+	PG_RETURN_BOOL(es_known_topic(VARDATA_ANY(topic), VARSIZE_ANY_EXHDR(topic)));
+}
+
+/* _is_message_key(message_key) -> boolean: the outbox's CHECK on message_key, 1 to 512 bytes. */
+Datum
+eventshop_is_message_key(PG_FUNCTION_ARGS)
+{
+	Size		len = VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(0));
+
+	PG_RETURN_BOOL(len >= 1 && len <= MAX_MESSAGE_KEY_BYTES);
+}
+
+/* Whether the len bytes at topic name one of known_topics. */
+static bool
+es_known_topic(const char *topic, size_t len)
+{
+	for (int i = 0; known_topics[i] != NULL; i++)
+		if (strlen(known_topics[i]) == len && memcmp(topic, known_topics[i], len) == 0)
+			return true;
+	return false;
+}
+
 /* Refuses what the outbox would refuse, with a message naming the field. */
 static void
 es_check_event(const char *topic, const char *message_key, const char *event_type)
 {
-	bool		known = false;
 	size_t		key_len;
 
-	for (int i = 0; topic != NULL && known_topics[i] != NULL; i++)
-		known = known || strcmp(topic, known_topics[i]) == 0;
-	if (!known)
+	if (topic == NULL || !es_known_topic(topic, strlen(topic)))
 		ereport(ERROR,
 				(errcode(ERRCODE_CHECK_VIOLATION),
 				 errmsg("unknown event topic \"%s\"", topic ? topic : "(null)")));

@@ -23,7 +23,8 @@
  *   6. signature of the exact length for the algorithm (ECDSA: JOSE r||s,
  *      64 bytes; DER is refused) and valid under that key (a token whose
  *      signature this backend verified before is remembered:
- *      signature_cache.c);
+ *      signature_cache.c; es_jwt_verify_deferred then leaves 4 and 5 to its
+ *      caller, which reads the key's row in a statement it runs anyway);
  *   7. payload: UTF-8, a JSON object without duplicate keys at any level,
  *      nesting at most ES_JWT_MAX_DEPTH, numbers within jsonb's range.
  *
@@ -77,6 +78,7 @@ static void es_json_compact(StringInfo out, Jsonb *jb);
 static void es_json_string(StringInfo out, const char *s, int len);
 static bool es_verify_signature(EsKey *key, const char *input, size_t inputlen,
 								const uint8 *sig, size_t siglen);
+static JsonbValue *es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check);
 
 /* Raises the one error every verification failure produces: 28000 "invalid token". */
 void
@@ -359,6 +361,60 @@ eventshop_jwt_verify(PG_FUNCTION_ARGS)
 JsonbValue *
 es_jwt_verify(const char *tok, size_t len)
 {
+	return es_jwt_verify_internal(tok, len, NULL);
+}
+
+/*
+ * es_jwt_verify, except that when this backend verified the token's
+ * signature before, checks 4 and 5 are left pending in *check (see jwt.h):
+ * the caller reads the key's row together with what else it needs.
+ */
+JsonbValue *
+es_jwt_verify_deferred(const char *tok, size_t len, EsJwtKeyCheck *check)
+{
+	return es_jwt_verify_internal(tok, len, check);
+}
+
+/* Checks 4 (the key's state) and 5 (its algorithm) for a token whose kid and header alg are in check. */
+void
+es_jwt_check_key(EsJwtKeyCheck *check, EsKeyStatus status, int key_alg)
+{
+	switch (status)
+	{
+		case ES_KEY_ACTIVE:
+		case ES_KEY_RETIRED:
+			break;
+		case ES_KEY_UNKNOWN:
+			es_invalid_token("The signing key is unknown.");
+		case ES_KEY_STANDBY:
+			es_invalid_token("The signing key is not active yet.");
+		case ES_KEY_REVOKED:
+			es_invalid_token("The signing key was revoked.");
+		case ES_KEY_EXPIRED:
+			es_invalid_token("The signing key was retired too long ago.");
+	}
+	if (check->alg != key_alg)
+		es_invalid_token("The algorithm does not match the signing key's.");
+	check->pending = false;
+}
+
+/* Reads the state of a pending key (es_key_for_verify) and checks it. */
+void
+es_jwt_check_key_now(EsJwtKeyCheck *check)
+{
+	EsKeyStatus status;
+	int			key_alg;
+
+	if (!check->pending)
+		return;
+	(void) es_key_for_verify(check->kid, &status, &key_alg);
+	es_jwt_check_key(check, status, key_alg);
+}
+
+/* Checks 1-7; with check != NULL, 4 and 5 may be left pending (es_jwt_verify_deferred). */
+static JsonbValue *
+es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check)
+{
 	const char *dot[2] = {NULL, NULL};
 	int			ndots = 0;
 	size_t		i;
@@ -381,6 +437,8 @@ es_jwt_verify(const char *tok, size_t len)
 	EsKeyStatus status;
 	EsKey	   *key;
 	uint8		token_digest[ES_SHA256_LEN];
+	bool		remembered;
+	EsJwtKeyCheck own_check;
 
 	/* 1. size, charset, shape */
 	if (len > ES_JWT_MAX_LEN)
@@ -466,35 +524,30 @@ es_jwt_verify(const char *tok, size_t len)
 	if (!have_kid)
 		es_invalid_token("The header has no kid.");
 
-	/* 4. the key's current state */
-	key = es_key_for_verify(kid, &status, &key_alg);
-	switch (status)
-	{
-		case ES_KEY_ACTIVE:
-		case ES_KEY_RETIRED:
-			break;
-		case ES_KEY_UNKNOWN:
-			es_invalid_token("The signing key is unknown.");
-		case ES_KEY_STANDBY:
-			es_invalid_token("The signing key is not active yet.");
-		case ES_KEY_REVOKED:
-			es_invalid_token("The signing key was revoked.");
-		case ES_KEY_EXPIRED:
-			es_invalid_token("The signing key was retired too long ago.");
-	}
-	Assert(key != NULL);
-
-	/* 5. one algorithm per key */
-	if (alg != key_alg)
-		es_invalid_token("The algorithm does not match the signing key's.");
-
-	/* 6. signature over "header.payload" as sent (once per token and backend) */
+	/*
+	 * 4. the key's current state and 5. its algorithm (es_jwt_check_key),
+	 * then 6. the signature over "header.payload" as sent, verified once per
+	 * token and backend. A remembered signature needs no key: then 4 and 5
+	 * are left to the caller of es_jwt_verify_deferred.
+	 */
 	es_sha256(tok, len, token_digest);
-	if (!es_signature_cache_contains(token_digest))
+	remembered = es_signature_cache_contains(token_digest);
+	if (check == NULL)
+		check = &own_check;
+	memcpy(check->kid, kid, sizeof(check->kid));
+	check->alg = alg;
+	check->pending = true;
+	if (!remembered || check == &own_check)
 	{
-		if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
-			es_invalid_token("The signature is not valid.");
-		es_signature_cache_add(token_digest);
+		key = es_key_for_verify(kid, &status, &key_alg);
+		es_jwt_check_key(check, status, key_alg);
+		Assert(key != NULL);
+		if (!remembered)
+		{
+			if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
+				es_invalid_token("The signature is not valid.");
+			es_signature_cache_add(token_digest);
+		}
 	}
 
 	/* 7. payload */

@@ -568,19 +568,13 @@ es_key_for_verify(const char *kid, EsKeyStatus *status, int *alg)
 	Datum		values[2];
 	SPIPlanPtr	plan;
 	EsKey	   *key = NULL;
-	bool		isnull;
 
 	*status = ES_KEY_UNKNOWN;
 	*alg = -1;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	plan = es_keep_plan(&es_plan_status,
-						"SELECT CASE k.alg WHEN 'RS256' THEN 0 WHEN 'ES256' THEN 1 WHEN 'EdDSA' THEN 2 END, "
-						"CASE k.state WHEN 'active' THEN 1 "
-						"WHEN 'retired' THEN CASE WHEN k.retired_at > clock_timestamp() - $2 * interval '1 second' "
-						"THEN 2 ELSE 5 END "
-						"WHEN 'standby' THEN 3 ELSE 4 END "
-						"FROM eventshop.signing_keys k WHERE k.kid = $1",
+						"SELECT " ES_KEY_STATE_SQL("$2") " FROM eventshop.signing_keys k WHERE k.kid = $1",
 						2, argtypes);
 	values[0] = CStringGetTextDatum(kid);
 	values[1] = Int32GetDatum(es_access_token_ttl_s);
@@ -588,13 +582,10 @@ es_key_for_verify(const char *kid, EsKeyStatus *status, int *alg)
 		elog(ERROR, "signing key lookup failed");
 	if (SPI_processed == 1)
 	{
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		bool		isnull;
+		Datum		state = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
-		*alg = isnull ? -1 : DatumGetInt32(d);
-		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-		*status = isnull ? ES_KEY_REVOKED : (EsKeyStatus) DatumGetInt32(d);
-		if (*alg < 0)
-			*status = ES_KEY_REVOKED;
+		*status = es_key_state_decode(state, isnull, alg);
 	}
 	if (*status == ES_KEY_ACTIVE || *status == ES_KEY_RETIRED)
 	{
@@ -612,6 +603,23 @@ es_key_for_verify(const char *kid, EsKeyStatus *status, int *alg)
 	}
 	SPI_finish();
 	return key;
+}
+
+/*
+ * The EsKeyStatus and algorithm (*key_alg, -1 if none of ours) of an
+ * ES_KEY_STATE_SQL value; NULL (no row) is ES_KEY_UNKNOWN. A row whose
+ * algorithm is none of ours counts as revoked.
+ */
+EsKeyStatus
+es_key_state_decode(Datum state, bool isnull, int *key_alg)
+{
+	int32		code = isnull ? 0 : DatumGetInt32(state);
+	EsKeyStatus status = isnull ? ES_KEY_UNKNOWN : (EsKeyStatus) (code / 4);
+
+	*key_alg = (isnull || code % 4 == 3) ? -1 : code % 4;
+	if (status != ES_KEY_UNKNOWN && *key_alg < 0)
+		status = ES_KEY_REVOKED;
+	return status;
 }
 
 /*

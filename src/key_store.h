@@ -22,6 +22,18 @@ typedef enum EsKeyStatus
 	ES_KEY_EXPIRED = 5			/* retired longer ago: no token it signed can be valid */
 } EsKeyStatus;
 
+/*
+ * SQL of one int4 that describes a signing_keys row k, for statements that
+ * read a key's state (es_key_state_decode reads it): its EsKeyStatus * 4 +
+ * its EsJwtAlg (3: none of ours). ttl names the parameter holding
+ * eventshop.access_token_ttl in seconds.
+ */
+#define ES_KEY_STATE_SQL(ttl) \
+	"CASE k.state WHEN 'active' THEN 1 WHEN 'retired' THEN CASE WHEN k.retired_at > " \
+	"pg_catalog.clock_timestamp() - " ttl " * interval '1 second' THEN 2 ELSE 5 END " \
+	"WHEN 'standby' THEN 3 ELSE 4 END * 4 + " \
+	"CASE k.alg WHEN 'RS256' THEN 0 WHEN 'ES256' THEN 1 WHEN 'EdDSA' THEN 2 ELSE 3 END"
+
 /* One cached key: OpenSSL objects live in OpenSSL's heap for the backend's lifetime. */
 typedef struct EsKey
 {
@@ -42,6 +54,7 @@ typedef struct EsKey
 } EsKey;
 
 extern EsKey *es_key_for_verify(const char *kid, EsKeyStatus *status, int *alg);
+extern EsKeyStatus es_key_state_decode(Datum state, bool isnull, int *key_alg);
 extern EsKey *es_active_signing_key(int alg);
 extern int	es_jwt_alg_from_name(const char *name, size_t len);
 

@@ -36,6 +36,7 @@
 
 PG_FUNCTION_INFO_V1(eventshop_uuid_v7);
 PG_FUNCTION_INFO_V1(eventshop_parse_order_items);
+PG_FUNCTION_INFO_V1(eventshop_stock_within);
 
 static void es_item_error(int i, const char *reason) pg_attribute_noreturn();
 static bool es_valid_sku(const char *s, int len);
@@ -244,4 +245,20 @@ es_quantity(Numeric num)
 		value = value * 10 + (*p - '0');
 	}
 	return (value >= 1 && value <= ES_ORDER_MAX_QUANTITY) ? value : 0;
+}
+
+/*
+ * _stock_within(reserved, stock_on_hand) -> boolean: the products' CHECK,
+ * 0 <= reserved <= stock_on_hand (no oversell). A C function rather than the
+ * expression because a table's CHECK is read back from its catalog text and
+ * planned again by every statement that writes the table, and the reserve
+ * of every order writes it.
+ */
+Datum
+eventshop_stock_within(PG_FUNCTION_ARGS)
+{
+	int32		reserved = PG_GETARG_INT32(0);
+	int32		stock_on_hand = PG_GETARG_INT32(1);
+
+	PG_RETURN_BOOL(reserved >= 0 && reserved <= stock_on_hand);
 }

@@ -6,22 +6,27 @@
  *
  * An order is two statements, both in the caller's transaction:
  *
- *   1. reserve: every product of the order is locked FOR NO KEY UPDATE in
- *      product-id order (a materialized CTE, so concurrent orders queue up
- *      on their first common product instead of deadlocking, and nothing
- *      can change the stock, price or state read under the lock), then
- *      reserved by the same statement wherever the line can be served
- *      (active, available >= quantity; otherwise by 0), returning what the
- *      checks and the snapshot need as read under the lock;
+ *   1. reserve: one UPDATE adds each line's quantity to the reserved units
+ *      of its product, where the product is for sale and has them available
+ *      (stock_on_hand - reserved >= quantity), and returns what the checks
+ *      and the snapshot need. It finds the products through the unique index
+ *      on sku, so it locks them in SKU order, the order every statement that
+ *      locks several products keeps (see "Locking" in the extension script):
+ *      concurrent orders queue up on their first common product instead of
+ *      deadlocking. The planner is held to that index scan (seq and bitmap
+ *      scans off while the statement is planned and run). Lines that cannot
+ *      be served are left alone; nothing reads a product without its lock;
  *   2. write: the order, its lines and its order.created event (the
  *      envelope built in C by es_event_envelope, as _emit_event builds it)
  *      in one statement, the lines' SKU, title, category and price as step
- *      1 read them from the product rows this transaction holds locked.
+ *      1 returned them from the product rows this transaction holds locked.
  *
- * Between 1 and 2 the checks run in C over the locked rows, each refusal
- * naming the first offending item in the client's order: unknown SKU
- * (P0002), not for sale (55000), mixed currencies (22023), insufficient
- * stock (23514, with requested and available units). A refusal is an
+ * When a line was not served, the order is refused: its products are read
+ * again (es_read_unserved) to say why, naming the first offending item in
+ * the client's order: unknown SKU (P0002), not for sale (55000), mixed
+ * currencies (22023), insufficient stock (23514, with requested and
+ * available units); a line that has become servable since step 1 (stock
+ * added in between) is refused with 40001, to be retried. A refusal is an
  * ERROR, which undoes the reservations of step 1 with the rest of the
  * statement: an order is written whole or not at all. The products' CHECK
  * (reserved <= stock_on_hand) is the last line of defence against
@@ -61,7 +66,7 @@
 PG_FUNCTION_INFO_V1(eventshop_place_order);
 PG_FUNCTION_INFO_V1(eventshop_place_order_with_token);
 
-/* One locked product, in product-id order. */
+/* One product of the order: reserved by step 1 (served), or read again to explain a refusal. */
 typedef struct EsOrderLine
 {
 	int64		product_id;
@@ -70,18 +75,33 @@ typedef struct EsOrderLine
 	char	   *category;
 	int64		price_minor;
 	char	   *currency;
-	bool		active;
-	int32		available;
+	bool		served;
+	bool		active;			/* unserved lines only */
+	int32		available;		/* unserved lines only */
 	int32		quantity;		/* what the client asked for */
 } EsOrderLine;
 
-static SPIPlanPtr es_plan_lock = NULL;
+/*
+ * The columns step 1 returns and es_read_unserved reads, in this order: id,
+ * sku, price, currency, title, category, active, available.
+ */
+#define ES_LINE_COLUMNS \
+	"p.id, p.sku::text, p.price_minor::bigint, p.currency::text, p.title::text, p.category::text, " \
+	"p.active, p.stock_on_hand - p.reserved"
+
+static SPIPlanPtr es_plan_reserve = NULL;
+static SPIPlanPtr es_plan_unserved = NULL;
 static SPIPlanPtr es_plan_write = NULL;
 
 static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items);
 static text *es_order_created_envelope(const char *order_key, pg_uuid_t *user_id, const char *currency,
 									   int64 total, int32 item_count, int64 unit_count,
 									   Datum reserved_until, pg_uuid_t *event_id);
+static int	es_reserve(Datum skus, Datum quantities);
+static int	es_read_unserved(Datum *skus, int n, const int *line_of);
+static void es_read_lines(EsOrderLine *lines, int first, int count, bool served, Datum *skus,
+						  Datum *quantities, int n, int *line_of);
+static void es_check_one_currency(EsOrderLine *lines, int count);
 static void es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value);
 static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
 static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
@@ -126,7 +146,6 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	TupleDesc	tupdesc;
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
-	Oid			lock_types[2] = {TEXTARRAYOID, INT4ARRAYOID};
 	Oid			write_types[16] = {UUIDOID, UUIDOID, TEXTOID, INT8OID, INT4OID, INT4OID, TIMESTAMPTZOID,
 		INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT4ARRAYOID,
 	TEXTOID, UUIDOID, JSONOID};
@@ -147,83 +166,46 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	/* 1. lock, then reserve where the line can be served, and read */
-	args[0] = es_array(skus, NULL, n, TEXTOID);
-	args[1] = es_array(quantities, NULL, n, INT4OID);
-	if (SPI_execute_plan(es_keep_plan(&es_plan_lock,
-									  "WITH l AS MATERIALIZED ("
-									  " SELECT p.id, p.active, p.stock_on_hand - p.reserved AS available"
-									  " FROM eventshop.products p WHERE p.sku = ANY ($1)"
-									  " ORDER BY p.id FOR NO KEY UPDATE"
-									  ") "
-									  "UPDATE eventshop.products p SET reserved = p.reserved +"
-									  " CASE WHEN l.active AND l.available >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
-									  " THEN ($2)[pg_catalog.array_position($1, p.sku::text)] ELSE 0 END "
-									  "FROM l WHERE p.id = l.id "
-									  "RETURNING p.id, p.sku::text, p.price_minor::bigint,"
-									  " p.currency::text, l.active, l.available, p.title::text, p.category::text",
-									  2, lock_types),
-						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "reserving the products of an order failed");
-	nlines = (int) SPI_processed;
-	lines = palloc(sizeof(EsOrderLine) * (nlines > 0 ? nlines : 1));
+	/* 1. reserve every line that can be served, locking its product */
+	nlines = es_reserve(es_array(skus, NULL, n, TEXTOID), es_array(quantities, NULL, n, INT4OID));
+	lines = palloc(sizeof(EsOrderLine) * n);
 	line_of = palloc(sizeof(int) * n);
 	for (int i = 0; i < n; i++)
 		line_of[i] = -1;
-	for (int r = 0; r < nlines; r++)
+	es_read_lines(lines, 0, nlines, true, skus, quantities, n, line_of);
+	if (nlines < n)
 	{
-		HeapTuple	tuple = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		EsOrderLine *l = &lines[r];
-		bool		isnull;
+		/* a refusal: why, as read now, for the first offending item in the client's order */
+		int			unserved = es_read_unserved(skus, n, line_of);
 
-		l->product_id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
-		l->sku = es_text_column(tuple, desc, 2);
-		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 3, &isnull));
-		l->currency = es_text_column(tuple, desc, 4);
-		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 5, &isnull));
-		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
-		l->title = es_text_column(tuple, desc, 7);
-		l->category = es_text_column(tuple, desc, 8);
-		l->quantity = 0;
+		es_read_lines(lines, nlines, unserved, false, skus, quantities, n, line_of);
+		for (int i = 0; i < n; i++)
+			if (line_of[i] < 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_NO_DATA_FOUND),
+						 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
+		for (int i = 0; i < n; i++)
+			if (!lines[line_of[i]].served && !lines[line_of[i]].active)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
+		es_check_one_currency(lines, n);
 		for (int i = 0; i < n; i++)
 		{
-			if (strcmp(TextDatumGetCString(skus[i]), l->sku) == 0)
-			{
-				line_of[i] = r;
-				l->quantity = DatumGetInt32(quantities[i]);
-				break;
-			}
+			EsOrderLine *l = &lines[line_of[i]];
+
+			if (!l->served && l->available < l->quantity)
+				ereport(ERROR,
+						(errcode(ERRCODE_CHECK_VIOLATION),
+						 errmsg("insufficient stock for SKU \"%s\"", l->sku),
+						 errdetail("Requested %d, available %d.", l->quantity, l->available)));
 		}
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("the stock of the order changed while it was being placed"),
+				 errhint("Place the order again.")));
 	}
-
-	/* What is wrong, reported for the first item in the client's order. */
-	for (int i = 0; i < n; i++)
-		if (line_of[i] < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_NO_DATA_FOUND),
-					 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
-	for (int i = 0; i < n; i++)
-		if (!lines[line_of[i]].active)
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
-	for (int r = 1; r < nlines; r++)
-		if (strcmp(lines[r].currency, lines[0].currency) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("an order cannot mix currencies"),
-					 errhint("Place one order per currency.")));
-	for (int i = 0; i < n; i++)
-	{
-		EsOrderLine *l = &lines[line_of[i]];
-
-		if (l->available < l->quantity)
-			ereport(ERROR,
-					(errcode(ERRCODE_CHECK_VIOLATION),
-					 errmsg("insufficient stock for SKU \"%s\"", l->sku),
-					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
-	}
+	es_check_one_currency(lines, nlines);
 
 	/* 2. the order, its lines and its order.created event, in one statement */
 	ids = palloc(sizeof(Datum) * nlines);
@@ -307,6 +289,110 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	values[4] = Int32GetDatum(nlines);
 	values[5] = reserved_until;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * Step 1 (see the file header): returns how many lines it served, their
+ * ES_LINE_COLUMNS in SPI_tuptable. Seq and bitmap scans are off while the
+ * statement is planned and run (the plan cache may plan it again at any
+ * execution), so that its only way to the rows is the ordered index scan.
+ */
+static int
+es_reserve(Datum skus, Datum quantities)
+{
+	Oid			types[2] = {TEXTARRAYOID, INT4ARRAYOID};
+	Datum		args[2] = {skus, quantities};
+	int			guc_level = NewGUCNestLevel();
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_indexscan", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_reserve,
+									  "UPDATE eventshop.products p"
+									  " SET reserved = p.reserved + ($2)[pg_catalog.array_position($1, p.sku::text)]"
+									  " WHERE p.sku = ANY ($1) AND p.active"
+									  " AND p.stock_on_hand - p.reserved >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
+									  " RETURNING " ES_LINE_COLUMNS,
+									  2, types),
+						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "reserving the products of an order failed");
+	AtEOXact_GUC(true, guc_level);
+	return (int) SPI_processed;
+}
+
+/*
+ * For a refused order: reads the products of the items step 1 did not
+ * serve (line_of[i] < 0), as they are now; their ES_LINE_COLUMNS are left
+ * in SPI_tuptable, and their number is returned.
+ */
+static int
+es_read_unserved(Datum *skus, int n, const int *line_of)
+{
+	Oid			types[1] = {TEXTARRAYOID};
+	Datum		args[1];
+	Datum	   *missing = palloc(sizeof(Datum) * n);
+	int			nmissing = 0;
+
+	for (int i = 0; i < n; i++)
+		if (line_of[i] < 0)
+			missing[nmissing++] = skus[i];
+	args[0] = es_array(missing, NULL, nmissing, TEXTOID);
+	if (SPI_execute_plan(es_keep_plan(&es_plan_unserved,
+									  "SELECT " ES_LINE_COLUMNS " FROM eventshop.products p WHERE p.sku = ANY ($1)",
+									  1, types),
+						 args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading the products of an order failed");
+	return (int) SPI_processed;
+}
+
+/*
+ * Fills lines[first .. first + count - 1] from the rows in SPI_tuptable
+ * (ES_LINE_COLUMNS) and points the matching items of the client's order
+ * (line_of) at them.
+ */
+static void
+es_read_lines(EsOrderLine *lines, int first, int count, bool served, Datum *skus,
+			  Datum *quantities, int n, int *line_of)
+{
+	for (int r = 0; r < count; r++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		EsOrderLine *l = &lines[first + r];
+		bool		isnull;
+
+		l->product_id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		l->sku = es_text_column(tuple, desc, 2);
+		l->price_minor = DatumGetInt64(SPI_getbinval(tuple, desc, 3, &isnull));
+		l->currency = es_text_column(tuple, desc, 4);
+		l->title = es_text_column(tuple, desc, 5);
+		l->category = es_text_column(tuple, desc, 6);
+		l->served = served;
+		l->active = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+		l->available = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
+		l->quantity = 0;
+		for (int i = 0; i < n; i++)
+		{
+			if (line_of[i] < 0 && strcmp(TextDatumGetCString(skus[i]), l->sku) == 0)
+			{
+				line_of[i] = first + r;
+				l->quantity = DatumGetInt32(quantities[i]);
+				break;
+			}
+		}
+	}
+}
+
+/* Refuses an order whose lines have more than one currency. */
+static void
+es_check_one_currency(EsOrderLine *lines, int count)
+{
+	for (int r = 1; r < count; r++)
+		if (strcmp(lines[r].currency, lines[0].currency) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("an order cannot mix currencies"),
+					 errhint("Place one order per currency.")));
 }
 
 /*
