@@ -30,6 +30,7 @@ OBJS = \
 	src/spi_util.o \
 	src/authenticate.o \
 	src/place_order.o \
+	src/order_owners.o \
 	bgworkers/worker_runtime.o \
 	bgworkers/relay.o \
 	bgworkers/relay_window.o \
@@ -59,9 +60,12 @@ REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./tmp_regress.c
 # (sql/regress.conf plus the key settings) before every run.
 REGRESS_PREP = regress-keys
 TAP_TESTS    = 1
+# Races between sessions (specs/*.spec), on a preloaded instance like REGRESS's.
+ISOLATION      = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --temp-instance=./tmp_check_isolation --temp-config=./tmp_regress.conf --encoding=UTF8
 
 DEVBROKER = devbroker/eventshop-devbroker
-EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress tmp_keys tmp_regress.conf
+EXTRA_CLEAN = $(DEVBROKER) tmp_check_regress tmp_check_isolation tmp_keys tmp_regress.conf output_iso
 
 .DEFAULT_GOAL := all
 

@@ -1711,9 +1711,16 @@ CREATE INDEX products_category_idx ON eventshop.products (category, (title COLLA
 
 -- Order ids are UUIDv7 (eventshop._uuid_v7): they sort by creation, so the
 -- primary key serves "newest first" and inserts append to the index.
+-- orders.user_id has no FOREIGN KEY: its check of every new order (a query
+-- and a row lock on the user) cost about 4% of placing an order. The same
+-- guarantee comes from the other side (src/order_owners.c): the trigger
+-- users_keep_orders refuses (23503) to delete a user who has orders, to
+-- change its id or to truncate users while orders exist, after waiting for
+-- every transaction that is writing orders; place_order locks orders before
+-- it reads the caller, so it either is waited for or sees the deletion.
 CREATE TABLE eventshop.orders (
 	id				uuid PRIMARY KEY,
-	user_id			uuid NOT NULL REFERENCES eventshop.users (id),
+	user_id			uuid NOT NULL,		-- eventshop.users (id), kept by users_keep_orders
 	status			eventshop.order_status NOT NULL,
 	currency		text NOT NULL,		-- the products' (eventshop.currency_code)
 	total_minor		eventshop.amount_minor NOT NULL,
@@ -1726,6 +1733,18 @@ CREATE TABLE eventshop.orders (
 	completed_at	timestamptz			-- set on paid -> completed
 );
 CREATE INDEX orders_user_idx ON eventshop.orders (user_id, id);
+
+CREATE FUNCTION eventshop._users_keep_orders()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'eventshop_users_keep_orders'
+LANGUAGE C;
+COMMENT ON FUNCTION eventshop._users_keep_orders() IS 'Internal: the trigger that keeps the user of every order (what a foreign key on orders.user_id would do; see src/order_owners.c).';
+CREATE TRIGGER users_keep_orders
+	BEFORE DELETE OR UPDATE OF id ON eventshop.users
+	FOR EACH ROW EXECUTE FUNCTION eventshop._users_keep_orders();
+CREATE TRIGGER users_keep_orders_on_truncate
+	BEFORE TRUNCATE ON eventshop.users
+	FOR EACH STATEMENT EXECUTE FUNCTION eventshop._users_keep_orders();
 CREATE INDEX orders_reserved_until_idx ON eventshop.orders (reserved_until) WHERE status = 'reserved';
 CREATE INDEX orders_completed_idx ON eventshop.orders (completed_at) WHERE status = 'completed';
 COMMENT ON TABLE eventshop.orders IS 'Orders; id is a UUIDv7, so ids sort by creation. status: reserved (holds its stock until reserved_until) -> paid -> completed -> refunded, or reserved -> cancelled / expired. total_minor is computed from the items when the order is placed; item_count is the number of lines, unit_count the number of units.';

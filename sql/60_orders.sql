@@ -14,7 +14,7 @@
 \pset format unaligned
 \pset tuples_only on
 
-SELECT plan(309);
+SELECT plan(315);
 
 CREATE ROLE regress_orders_app NOLOGIN IN ROLE eventshop_app;
 CREATE ROLE regress_orders_gw NOLOGIN IN ROLE eventshop_gateway;
@@ -894,6 +894,22 @@ SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-
           'a refused remembered token wrote nothing, reserved nothing and emitted no event');
 SELECT is((SELECT count(*) FROM pg_locks l WHERE l.locktype = 'tuple' OR (l.locktype = 'transactionid' AND NOT l.granted)), 0::bigint,
           'and no lock is left behind');
+
+-- ---------------------------------------------------------------------------
+-- Every order keeps its user (no foreign key on orders.user_id: the trigger
+-- users_keep_orders, src/order_owners.c; the races are in specs/)
+-- ---------------------------------------------------------------------------
+SELECT hasnt_fk('eventshop', 'orders', 'orders has no foreign key: its check would cost a query and a row lock per order');
+SELECT throws_ok(format('DELETE FROM eventshop.users WHERE id = %L', :'alice_id'), '23503',
+                 'a user who has orders cannot be deleted', 'a user with orders cannot be deleted');
+SELECT throws_ok(format('UPDATE eventshop.users SET id = gen_random_uuid() WHERE id = %L', :'alice_id'), '23503',
+                 'a user who has orders cannot be given another id', 'nor given another id');
+SELECT lives_ok(format('UPDATE eventshop.users SET id = id, display_name = display_name WHERE id = %L', :'alice_id'),
+                'an update that keeps the id is let through');
+SELECT throws_ok('TRUNCATE eventshop.users CASCADE', '23503', 'cannot truncate eventshop.users while orders exist',
+                 'users cannot be truncated while orders exist');
+SELECT eventshop.register('dave.orders@example.com', 'dave orders passphrase') AS dave_id \gset
+SELECT lives_ok(format('DELETE FROM eventshop.users WHERE id = %L', :'dave_id'), 'a user without orders can be deleted');
 
 -- ---------------------------------------------------------------------------
 -- Privileges of the new roles and internal functions

@@ -32,6 +32,11 @@
  * (reserved <= stock_on_hand) is the last line of defence against
  * overselling; step 1 never adds units that would break it.
  *
+ * Both forms lock the orders table before they read the caller's session
+ * (src/order_owners.c), so that a user deleted meanwhile cannot be given an
+ * order: orders.user_id has no foreign key, whose check would cost a query
+ * and a row lock per order.
+ *
  * The two-argument form authenticates first (src/authenticate.c) and
  * establishes the caller for the rest of the transaction exactly as
  * eventshop.authenticate does, so an application places an order in one
@@ -60,6 +65,7 @@
 
 #include "authenticate.h"
 #include "emit_event.h"
+#include "order_owners.h"
 #include "orders.h"
 #include "spi_util.h"
 
@@ -112,6 +118,7 @@ eventshop_place_order(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t	user_id;
 
+	es_order_owner_before_auth();
 	es_require_user(&user_id);
 	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0));
 }
@@ -123,6 +130,7 @@ eventshop_place_order_with_token(PG_FUNCTION_ARGS)
 	pg_uuid_t	user_id;
 	pg_uuid_t	session_id;
 
+	es_order_owner_before_auth();
 	(void) es_authenticate(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0), &user_id, &session_id);
 	return es_place_order(fcinfo, &user_id, PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1));
 }
@@ -165,6 +173,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	es_order_owner_after_auth(user_id);
 
 	/* 1. reserve every line that can be served, locking its product */
 	nlines = es_reserve(es_array(skus, NULL, n, TEXTOID), es_array(quantities, NULL, n, INT4OID));
@@ -293,30 +302,24 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 
 /*
  * Step 1 (see the file header): returns how many lines it served, their
- * ES_LINE_COLUMNS in SPI_tuptable. Seq and bitmap scans are off while the
- * statement is planned and run (the plan cache may plan it again at any
- * execution), so that its only way to the rows is the ordered index scan.
+ * ES_LINE_COLUMNS in SPI_tuptable. es_execute_by_index leaves the planner
+ * no way to the rows but the ordered scan of the SKU index.
  */
 static int
 es_reserve(Datum skus, Datum quantities)
 {
 	Oid			types[2] = {TEXTARRAYOID, INT4ARRAYOID};
 	Datum		args[2] = {skus, quantities};
-	int			guc_level = NewGUCNestLevel();
 
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_indexscan", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-	if (SPI_execute_plan(es_keep_plan(&es_plan_reserve,
-									  "UPDATE eventshop.products p"
-									  " SET reserved = p.reserved + ($2)[pg_catalog.array_position($1, p.sku::text)]"
-									  " WHERE p.sku = ANY ($1) AND p.active"
-									  " AND p.stock_on_hand - p.reserved >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
-									  " RETURNING " ES_LINE_COLUMNS,
-									  2, types),
-						 args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+	if (es_execute_by_index(es_keep_plan(&es_plan_reserve,
+										 "UPDATE eventshop.products p"
+										 " SET reserved = p.reserved + ($2)[pg_catalog.array_position($1, p.sku::text)]"
+										 " WHERE p.sku = ANY ($1) AND p.active"
+										 " AND p.stock_on_hand - p.reserved >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
+										 " RETURNING " ES_LINE_COLUMNS,
+										 2, types),
+							args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "reserving the products of an order failed");
-	AtEOXact_GUC(true, guc_level);
 	return (int) SPI_processed;
 }
 
