@@ -187,7 +187,10 @@ es_claim_invalid(EsAccessClaims *claims, const char *detail)
 
 /*
  * Check 3: the session, the account and, when es_jwt_verify_deferred left
- * it pending, the signing key's state, all read by one statement; then
+ * it pending, the signing key's state, all read by one statement (the
+ * account through a LATERAL subquery that is not flattened: a nested loop
+ * over the session's one row, never a hash join, however small the tables
+ * were when the backend planned it); then
  * establishes the caller for the rest of the transaction and returns its
  * roles (copied out of SPI).
  */
@@ -216,11 +219,12 @@ es_check_caller(EsAccessClaims *claims)
 	if (SPI_execute_plan(es_keep_plan(&es_plan_caller,
 									  "SELECT s.user_id, "
 									  "s.revoked_at IS NOT NULL OR s.expires_at <= pg_catalog.clock_timestamp(), "
-									  "u.blocked_at IS NOT NULL, "
-									  "pg_catalog.date_part('epoch'::text, pg_catalog.date_trunc('second'::text, u.valid_after))::pg_catalog.numeric, "
-									  "u.roles, "
+									  "u.blocked, u.valid_after, u.roles, "
 									  "(SELECT " ES_KEY_STATE_SQL("$3") " FROM eventshop.signing_keys k WHERE k.kid = $2) "
-									  "FROM eventshop.sessions s JOIN eventshop.users u ON u.id = s.user_id "
+									  "FROM eventshop.sessions s, LATERAL ("
+									  "SELECT u.blocked_at IS NOT NULL AS blocked, "
+									  "pg_catalog.date_part('epoch'::text, pg_catalog.date_trunc('second'::text, u.valid_after))::pg_catalog.numeric AS valid_after, "
+									  "u.roles FROM eventshop.users u WHERE u.id = s.user_id OFFSET 0) u "
 									  "WHERE s.id = $1",
 									  3, argtypes),
 						 args, nulls, false, 1) != SPI_OK_SELECT)
