@@ -1647,8 +1647,11 @@ COMMENT ON FUNCTION eventshop.purge_expired_auth_data() IS 'Deletes sessions (an
 -- a value is assigned, with its expression cached per session, while a table
 -- CHECK is parsed again by every statement that writes the table and
 -- evaluated on every UPDATE of a row. Every order writes these tables.
-CREATE DOMAIN eventshop.sku AS text CHECK (VALUE ~ '^[A-Za-z0-9._-]{1,64}$');
-COMMENT ON DOMAIN eventshop.sku IS 'A stock-keeping unit: 1 to 64 characters from A-Z, a-z, 0-9, ".", "_" and "-".';
+-- SKUs are codes: they compare and sort byte by byte (collation "C"), which
+-- is also what makes the SKU index cheap to search on every order.
+CREATE DOMAIN eventshop.sku AS text COLLATE "C"
+	CHECK (VALUE ~ '^[A-Za-z0-9._-]+$' AND octet_length(VALUE) <= 64);
+COMMENT ON DOMAIN eventshop.sku IS 'A stock-keeping unit: 1 to 64 characters from A-Z, a-z, 0-9, ".", "_" and "-", compared and sorted byte by byte.';
 CREATE DOMAIN eventshop.currency_code AS text CHECK (VALUE ~ '^[A-Z]{3}$');
 COMMENT ON DOMAIN eventshop.currency_code IS 'An ISO 4217 currency code (three upper-case letters).';
 CREATE DOMAIN eventshop.price_minor AS bigint CHECK (VALUE BETWEEN 0 AND 1000000000000);

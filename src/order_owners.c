@@ -51,6 +51,7 @@ static SPIPlanPtr es_plan_user_orders = NULL;
 static SPIPlanPtr es_plan_any_order = NULL;
 static SPIPlanPtr es_plan_key_share_user = NULL;
 
+static bool es_orders_exist(Datum *user_id);
 static Oid	es_orders_relid(void);
 
 /* The trigger on users: see the file header. */
@@ -58,23 +59,17 @@ Datum
 eventshop_users_keep_orders(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	HeapTuple	result = NULL;
-	bool		has_orders;
+	TupleDesc	desc;
+	int			id_col;
+	bool		isnull;
+	Datum		old_id;
+	HeapTuple	result;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(trigdata->tg_event))
 		elog(ERROR, "_users_keep_orders must be called as a BEFORE trigger");
-
 	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
 	{
-		LockRelationOid(es_orders_relid(), ShareRowExclusiveLock);
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		if (SPI_execute_snapshot(es_keep_plan(&es_plan_any_order, "SELECT FROM eventshop.orders LIMIT 1", 0, NULL),
-								 NULL, NULL, GetLatestSnapshot(), InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "looking for orders failed");
-		has_orders = SPI_processed > 0;
-		SPI_finish();
-		if (has_orders)
+		if (es_orders_exist(NULL))
 			ereport(ERROR,
 					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
 					 errmsg("cannot truncate eventshop.users while orders exist"),
@@ -84,51 +79,59 @@ eventshop_users_keep_orders(PG_FUNCTION_ARGS)
 	if (!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
 		elog(ERROR, "_users_keep_orders must be a row trigger for DELETE and UPDATE");
 
+	desc = trigdata->tg_relation->rd_att;
+	id_col = SPI_fnumber(desc, "id");
+	if (id_col <= 0)
+		elog(ERROR, "eventshop.users has no column id");
+	old_id = heap_getattr(trigdata->tg_trigtuple, id_col, desc, &isnull);
+	result = trigdata->tg_trigtuple;
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
-		TupleDesc	desc = trigdata->tg_relation->rd_att;
-		int			id_col = SPI_fnumber(desc, "id");
-		bool		isnull;
-		Datum		old_id;
-		Oid			argtypes[1] = {UUIDOID};
+		bool		new_isnull;
+		Datum		new_id = heap_getattr(trigdata->tg_newtuple, id_col, desc, &new_isnull);
 
-		if (id_col <= 0)
-			elog(ERROR, "eventshop.users has no column id");
-		old_id = heap_getattr(trigdata->tg_trigtuple, id_col, desc, &isnull);
-		if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
-		{
-			bool		new_isnull;
-			Datum		new_id = heap_getattr(trigdata->tg_newtuple, id_col, desc, &new_isnull);
-
-			result = trigdata->tg_newtuple;
-			if (!isnull && !new_isnull &&
-				memcmp(DatumGetUUIDP(old_id)->data, DatumGetUUIDP(new_id)->data, UUID_LEN) == 0)
-				return PointerGetDatum(result);		/* the id stays: nothing to keep */
-		}
-		else
-			result = trigdata->tg_trigtuple;
-		if (isnull)
-			return PointerGetDatum(result);
-
-		LockRelationOid(es_orders_relid(), ShareRowExclusiveLock);
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		if (SPI_execute_snapshot(es_keep_plan(&es_plan_user_orders,
-											  "SELECT FROM eventshop.orders o WHERE o.user_id = $1 LIMIT 1",
-											  1, argtypes),
-								 &old_id, NULL, GetLatestSnapshot(), InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "looking for the user's orders failed");
-		has_orders = SPI_processed > 0;
-		SPI_finish();
-		if (has_orders)
-			ereport(ERROR,
-					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
-					 errmsg("a user who has orders cannot be %s",
-							TRIGGER_FIRED_BY_DELETE(trigdata->tg_event) ? "deleted" : "given another id"),
-					 errdetail("User %s has orders, and every order keeps the user who placed it.",
-							   DatumGetCString(DirectFunctionCall1(uuid_out, old_id))),
-					 errhint("Block the account instead (eventshop.block_user).")));
+		result = trigdata->tg_newtuple;
+		if (!isnull && !new_isnull &&
+			memcmp(DatumGetUUIDP(old_id)->data, DatumGetUUIDP(new_id)->data, UUID_LEN) == 0)
+			return PointerGetDatum(result); /* the id stays: nothing to keep */
 	}
+	if (!isnull && es_orders_exist(&old_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("a user who has orders cannot be %s",
+						TRIGGER_FIRED_BY_DELETE(trigdata->tg_event) ? "deleted" : "given another id"),
+				 errdetail("User %s has orders, and every order keeps the user who placed it.",
+						   DatumGetCString(DirectFunctionCall1(uuid_out, old_id))),
+				 errhint("Block the account instead (eventshop.block_user).")));
 	return PointerGetDatum(result);
+}
+
+/*
+ * Takes SHARE ROW EXCLUSIVE on orders (waiting for every transaction that is
+ * writing orders, and keeping new ones out until this one ends), then tells
+ * whether any order of *user_id (NULL: of anyone) exists in the latest
+ * snapshot, which sees what those transactions committed.
+ */
+static bool
+es_orders_exist(Datum *user_id)
+{
+	Oid			argtypes[1] = {UUIDOID};
+	SPIPlanPtr	plan;
+	bool		found;
+
+	LockRelationOid(es_orders_relid(), ShareRowExclusiveLock);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (user_id != NULL)
+		plan = es_keep_plan(&es_plan_user_orders, "SELECT FROM eventshop.orders o WHERE o.user_id = $1 LIMIT 1",
+							1, argtypes);
+	else
+		plan = es_keep_plan(&es_plan_any_order, "SELECT FROM eventshop.orders LIMIT 1", 0, NULL);
+	if (SPI_execute_snapshot(plan, user_id, NULL, GetLatestSnapshot(), InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "looking for orders failed");
+	found = SPI_processed > 0;
+	SPI_finish();
+	return found;
 }
 
 /*

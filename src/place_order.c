@@ -64,6 +64,7 @@
 #include "utils/uuid.h"
 
 #include "authenticate.h"
+#include "config.h"
 #include "emit_event.h"
 #include "order_owners.h"
 #include "orders.h"
@@ -242,13 +243,9 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	order_id = MemoryContextAlloc(caller_cxt, sizeof(pg_uuid_t));
 	es_uuid_v7(order_id);
 	order_key = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(order_id)));
-	/* now() + current_setting('eventshop.reservation_ttl')::interval */
-	reserved_until = DirectFunctionCall2(timestamptz_pl_interval,
-										 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
-										 DirectFunctionCall3(interval_in,
-															 CStringGetDatum(GetConfigOptionByName("eventshop.reservation_ttl", NULL, false)),
-															 ObjectIdGetDatum(InvalidOid),
-															 Int32GetDatum(-1)));
+	/* now() + eventshop.reservation_ttl (whole seconds) */
+	reserved_until = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp() +
+										 (TimestampTz) es_reservation_ttl_s * USECS_PER_SEC);
 	args[0] = UUIDPGetDatum(order_id);
 	args[1] = UUIDPGetDatum(user_id);
 	args[2] = CStringGetTextDatum(lines[0].currency);
