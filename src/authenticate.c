@@ -121,7 +121,6 @@ es_authenticate(text *token, pg_uuid_t *user_id, pg_uuid_t *session_id)
 static void
 es_verify_access_token(text *token, EsAccessClaims *claims)
 {
-	JsonbValue *payload;
 	Jsonb	   *jb;
 	JsonbValue *v;
 	JsonbValue *exp;
@@ -133,8 +132,7 @@ es_verify_access_token(text *token, EsAccessClaims *claims)
 
 	if (token == NULL)
 		es_invalid_token("No token was given.");
-	payload = es_jwt_verify_deferred(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), &claims->key);
-	jb = JsonbValueToJsonb(payload);
+	jb = es_jwt_verify_deferred(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), &claims->key);
 	/* extract(epoch FROM clock_timestamp()), to the microsecond */
 	now = int64_div_fast_to_numeric(GetCurrentTimestamp() +
 									(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY, 6);
@@ -197,6 +195,8 @@ es_claim_invalid(EsAccessClaims *claims, const char *detail)
 static ArrayType *
 es_check_caller(EsAccessClaims *claims)
 {
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	MemoryContext spi_cxt;
 	Oid			argtypes[3] = {UUIDOID, TEXTOID, INT4OID};
 	Datum		args[3];
 	char		nulls[3] = {' ', ' ', ' '};
@@ -256,7 +256,10 @@ es_check_caller(EsAccessClaims *claims)
 	valid_after = SPI_getbinval(row, desc, 4, &valid_after_null);
 	if (!valid_after_null && es_numeric_cmp(claims->iat, DatumGetNumeric(valid_after)) < 0)
 		es_invalid_token("The token was issued before the account's credentials changed.");
-	roles = DatumGetArrayTypeP(SPI_datumTransfer(SPI_getbinval(row, desc, 5, &isnull), false, -1));
+	/* detoasted (a short header is expanded) and copied in the caller's context, which outlives SPI's */
+	spi_cxt = MemoryContextSwitchTo(caller_cxt);
+	roles = DatumGetArrayTypePCopy(SPI_getbinval(row, desc, 5, &isnull));
+	MemoryContextSwitchTo(spi_cxt);
 	SPI_finish();
 
 	es_auth_set(&claims->user_id, roles, &claims->session_id);

@@ -23,8 +23,9 @@
  *   6. signature of the exact length for the algorithm (ECDSA: JOSE r||s,
  *      64 bytes; DER is refused) and valid under that key (a token whose
  *      signature this backend verified before is remembered:
- *      signature_cache.c; es_jwt_verify_deferred then leaves 4 and 5 to its
- *      caller, which reads the key's row in a statement it runs anyway);
+ *      signature_cache.c, with the header and claims of those bytes;
+ *      es_jwt_verify_deferred then leaves 4 and 5 to its caller, which reads
+ *      the key's row in a statement it runs anyway);
  *   7. payload: UTF-8, a JSON object without duplicate keys at any level,
  *      nesting at most ES_JWT_MAX_DEPTH, numbers within jsonb's range.
  *
@@ -78,7 +79,7 @@ static void es_json_compact(StringInfo out, Jsonb *jb);
 static void es_json_string(StringInfo out, const char *s, int len);
 static bool es_verify_signature(EsKey *key, const char *input, size_t inputlen,
 								const uint8 *sig, size_t siglen);
-static JsonbValue *es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check);
+static Jsonb *es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check);
 
 /* Raises the one error every verification failure produces: 28000 "invalid token". */
 void
@@ -354,11 +355,11 @@ eventshop_jwt_verify(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		es_invalid_token("The token is missing.");
 	token = PG_GETARG_TEXT_PP(0);
-	PG_RETURN_JSONB_P(JsonbValueToJsonb(es_jwt_verify(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token))));
+	PG_RETURN_JSONB_P(es_jwt_verify(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token)));
 }
 
 /* Verifies a compact JWS (checks 1-7 of the file header) and returns its claims object. */
-JsonbValue *
+Jsonb *
 es_jwt_verify(const char *tok, size_t len)
 {
 	return es_jwt_verify_internal(tok, len, NULL);
@@ -369,7 +370,7 @@ es_jwt_verify(const char *tok, size_t len)
  * signature before, checks 4 and 5 are left pending in *check (see jwt.h):
  * the caller reads the key's row together with what else it needs.
  */
-JsonbValue *
+Jsonb *
 es_jwt_verify_deferred(const char *tok, size_t len, EsJwtKeyCheck *check)
 {
 	return es_jwt_verify_internal(tok, len, check);
@@ -412,7 +413,7 @@ es_jwt_check_key_now(EsJwtKeyCheck *check)
 }
 
 /* Checks 1-7; with check != NULL, 4 and 5 may be left pending (es_jwt_verify_deferred). */
-static JsonbValue *
+static Jsonb *
 es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check)
 {
 	const char *dot[2] = {NULL, NULL};
@@ -427,7 +428,7 @@ es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check)
 	const char *seg[3];
 	size_t		seglen[3];
 	JsonbValue *header;
-	JsonbValue *payload;
+	Jsonb	   *claims;
 	const char *alg_name = NULL;
 	int			alg_name_len = 0;
 	int			alg;
@@ -440,9 +441,28 @@ es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check)
 	bool		remembered;
 	EsJwtKeyCheck own_check;
 
+	if (check == NULL)
+		check = &own_check;
+
 	/* 1. size, charset, shape */
 	if (len > ES_JWT_MAX_LEN)
 		es_invalid_token("The token is longer than %d bytes.", ES_JWT_MAX_LEN);
+
+	/*
+	 * A token this backend verified before: its bytes fix checks 1-3, 6 and
+	 * 7, and the outcome is remembered (signature_cache.c). The key's state
+	 * (4, 5) is read again, now or by the caller of es_jwt_verify_deferred.
+	 */
+	es_sha256(tok, len, token_digest);
+	remembered = es_signature_cache_lookup(token_digest, check->kid, &check->alg, &claims);
+	if (remembered)
+	{
+		check->pending = true;
+		if (check == &own_check)
+			es_jwt_check_key_now(check);
+		if (claims != NULL)
+			return claims;
+	}
 	for (i = 0; i < len; i++)
 	{
 		char		c = tok[i];
@@ -526,33 +546,25 @@ es_jwt_verify_internal(const char *tok, size_t len, EsJwtKeyCheck *check)
 
 	/*
 	 * 4. the key's current state and 5. its algorithm (es_jwt_check_key),
-	 * then 6. the signature over "header.payload" as sent, verified once per
-	 * token and backend. A remembered signature needs no key: then 4 and 5
-	 * are left to the caller of es_jwt_verify_deferred.
+	 * then 6. the signature over "header.payload" as sent
 	 */
-	es_sha256(tok, len, token_digest);
-	remembered = es_signature_cache_contains(token_digest);
-	if (check == NULL)
-		check = &own_check;
-	memcpy(check->kid, kid, sizeof(check->kid));
-	check->alg = alg;
-	check->pending = true;
-	if (!remembered || check == &own_check)
+	if (!remembered)
 	{
+		memcpy(check->kid, kid, sizeof(check->kid));
+		check->alg = alg;
+		check->pending = true;
 		key = es_key_for_verify(kid, &status, &key_alg);
 		es_jwt_check_key(check, status, key_alg);
 		Assert(key != NULL);
-		if (!remembered)
-		{
-			if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
-				es_invalid_token("The signature is not valid.");
-			es_signature_cache_add(token_digest);
-		}
+		if (!es_verify_signature(key, tok, dot[1] - tok, sbuf, slen))
+			es_invalid_token("The signature is not valid.");
 	}
 
 	/* 7. payload */
-	payload = es_parse_object(pbuf, (int) plen, "payload");
-	return payload;
+	claims = JsonbValueToJsonb(es_parse_object(pbuf, (int) plen, "payload"));
+	if (!remembered)
+		es_signature_cache_add(token_digest, kid, alg, claims);
+	return claims;
 }
 
 /* Appends a JSON string literal, escaping as RFC 8259 requires. */

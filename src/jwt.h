@@ -32,9 +32,9 @@ typedef struct EsJwtKeyCheck
 } EsJwtKeyCheck;
 
 /* Checks a token's shape, header, key and signature; returns its claims (28000 otherwise). */
-extern JsonbValue *es_jwt_verify(const char *tok, size_t len);
+extern Jsonb *es_jwt_verify(const char *tok, size_t len);
 /* The same, but leaves the key's state to the caller when the signature is remembered. */
-extern JsonbValue *es_jwt_verify_deferred(const char *tok, size_t len, EsJwtKeyCheck *check);
+extern Jsonb *es_jwt_verify_deferred(const char *tok, size_t len, EsJwtKeyCheck *check);
 /* Checks 4 and 5 for a key state read by the caller (28000 if the key may not verify). */
 extern void es_jwt_check_key(EsJwtKeyCheck *check, EsKeyStatus status, int key_alg);
 /* Reads the key's state and checks it, if still pending. */
