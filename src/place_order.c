@@ -15,7 +15,7 @@
  *      concurrent orders queue up on their first common product instead of
  *      deadlocking. The planner is held to that index scan (seq and bitmap
  *      scans off while the statement is planned and run). Lines that cannot
- *      be served are left alone; nothing reads a product without its lock;
+ *      be served are left alone, unlocked;
  *   2. write: the order, its lines and its order.created event (the
  *      envelope built in C by es_event_envelope, as _emit_event builds it)
  *      in one statement, the lines' SKU, title, category and price as step
