@@ -373,7 +373,10 @@ es_read_lines(EsOrderLine *lines, int first, int count, bool served, Datum *skus
 		l->quantity = 0;
 		for (int i = 0; i < n; i++)
 		{
-			if (line_of[i] < 0 && strcmp(TextDatumGetCString(skus[i]), l->sku) == 0)
+			text	   *sku = DatumGetTextPP(skus[i]);
+
+			if (line_of[i] < 0 && VARSIZE_ANY_EXHDR(sku) == strlen(l->sku) &&
+				memcmp(VARDATA_ANY(sku), l->sku, VARSIZE_ANY_EXHDR(sku)) == 0)
 			{
 				line_of[i] = first + r;
 				l->quantity = DatumGetInt32(quantities[i]);
