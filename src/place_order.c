@@ -21,16 +21,23 @@
  *      in one statement, the lines' SKU, title, category and price as step
  *      1 returned them from the product rows this transaction holds locked.
  *
- * When a line was not served, the order is refused: its products are read
- * again (es_read_unserved) to say why, naming the first offending item in
- * the client's order: unknown SKU (P0002), not for sale (55000), mixed
- * currencies (22023), insufficient stock (23514, with requested and
- * available units); a line that has become servable since step 1 (stock
- * added in between) is refused with 40001, to be retried. A refusal is an
- * ERROR, which undoes the reservations of step 1 with the rest of the
- * statement: an order is written whole or not at all. The products' CHECK
- * (reserved <= stock_on_hand) is the last line of defence against
- * overselling; step 1 never adds units that would break it.
+ * When a line was not served, the order is refused (es_refuse_order),
+ * naming the first offending item in the client's order: unknown SKU
+ * (P0002), not for sale (55000), mixed currencies (22023), insufficient
+ * stock (23514, with requested and available units). The reason is read
+ * from the very row version step 1 decided on, so a refusal never
+ * contradicts itself, even when stock comes back in between:
+ *   - a product step 1 had to wait for was decided on its latest version
+ *     and is locked by step 1 since, so it is read as it is now;
+ *   - a product whose version in step 1's snapshot already lacked the
+ *     units (or was not for sale, or did not exist) was skipped without a
+ *     lock; units freed after that snapshot (a cancel committing) were
+ *     never offered to this order, so it is read in that snapshot.
+ * Step 1 therefore runs in a snapshot this function takes and keeps. A
+ * refusal is an ERROR, which undoes the reservations of step 1 with the
+ * rest of the statement: an order is written whole or not at all. The
+ * products' CHECK (reserved <= stock_on_hand) is the last line of defence
+ * against overselling; step 1 never adds units that would break it.
  *
  * Both forms lock the orders table before they read the caller's session
  * (src/order_owners.c), so that a user deleted meanwhile cannot be given an
@@ -60,6 +67,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -104,11 +112,13 @@ static Datum es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *
 static text *es_order_created_envelope(const char *order_key, pg_uuid_t *user_id, const char *currency,
 									   int64 total, int32 item_count, int64 unit_count,
 									   Datum reserved_until, pg_uuid_t *event_id);
-static int	es_reserve(Datum skus, Datum quantities);
-static int	es_read_unserved(Datum *skus, int n, const int *line_of);
+static int	es_reserve(Datum skus, Datum quantities, Snapshot snapshot);
+static void es_refuse_order(EsOrderLine *lines, int nlines, Datum *skus, Datum *quantities, int n,
+							int *line_of, Snapshot reserve_snapshot) pg_attribute_noreturn();
+static int	es_read_unserved(Datum *skus, int n, const int *line_of, Snapshot snapshot);
 static void es_read_lines(EsOrderLine *lines, int first, int count, bool served, Datum *skus,
 						  Datum *quantities, int n, int *line_of);
-static void es_check_one_currency(EsOrderLine *lines, int count);
+static void es_check_one_currency(EsOrderLine *lines, const int *line_of, int n);
 static void es_push_pair(JsonbParseState **state, const char *key, JsonbValue *value);
 static char *es_text_column(HeapTuple tuple, TupleDesc desc, int col);
 static Datum es_array(Datum *elems, bool *nulls, int n, Oid type);
@@ -147,6 +157,7 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	EsOrderLine *lines;
 	int		   *line_of;		/* item (client's order) -> line, -1: unknown */
 	int			nlines;
+	Snapshot	reserve_snapshot;
 	int64		total = 0;
 	int64		units = 0;
 	pg_uuid_t  *order_id;
@@ -177,45 +188,19 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 	es_order_owner_after_auth(user_id);
 
 	/* 1. reserve every line that can be served, locking its product */
-	nlines = es_reserve(es_array(skus, NULL, n, TEXTOID), es_array(quantities, NULL, n, INT4OID));
-	lines = palloc(sizeof(EsOrderLine) * n);
+	reserve_snapshot = RegisterSnapshot(GetTransactionSnapshot());
+	nlines = es_reserve(es_array(skus, NULL, n, TEXTOID), es_array(quantities, NULL, n, INT4OID),
+						reserve_snapshot);
+	/* room for the served lines, then for up to two reads of each unserved one */
+	lines = palloc(sizeof(EsOrderLine) * (2 * n - nlines));
 	line_of = palloc(sizeof(int) * n);
 	for (int i = 0; i < n; i++)
 		line_of[i] = -1;
 	es_read_lines(lines, 0, nlines, true, skus, quantities, n, line_of);
 	if (nlines < n)
-	{
-		/* a refusal: why, as read now, for the first offending item in the client's order */
-		int			unserved = es_read_unserved(skus, n, line_of);
-
-		es_read_lines(lines, nlines, unserved, false, skus, quantities, n, line_of);
-		for (int i = 0; i < n; i++)
-			if (line_of[i] < 0)
-				ereport(ERROR,
-						(errcode(ERRCODE_NO_DATA_FOUND),
-						 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
-		for (int i = 0; i < n; i++)
-			if (!lines[line_of[i]].served && !lines[line_of[i]].active)
-				ereport(ERROR,
-						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
-		es_check_one_currency(lines, n);
-		for (int i = 0; i < n; i++)
-		{
-			EsOrderLine *l = &lines[line_of[i]];
-
-			if (!l->served && l->available < l->quantity)
-				ereport(ERROR,
-						(errcode(ERRCODE_CHECK_VIOLATION),
-						 errmsg("insufficient stock for SKU \"%s\"", l->sku),
-						 errdetail("Requested %d, available %d.", l->quantity, l->available)));
-		}
-		ereport(ERROR,
-				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("the stock of the order changed while it was being placed"),
-				 errhint("Place the order again.")));
-	}
-	es_check_one_currency(lines, nlines);
+		es_refuse_order(lines, nlines, skus, quantities, n, line_of, reserve_snapshot);
+	UnregisterSnapshot(reserve_snapshot);
+	es_check_one_currency(lines, line_of, n);
 
 	/* 2. the order, its lines and its order.created event, in one statement */
 	ids = palloc(sizeof(Datum) * nlines);
@@ -298,12 +283,13 @@ es_place_order(FunctionCallInfo fcinfo, pg_uuid_t *user_id, Jsonb *items)
 }
 
 /*
- * Step 1 (see the file header): returns how many lines it served, their
- * ES_LINE_COLUMNS in SPI_tuptable. es_execute_by_index leaves the planner
- * no way to the rows but the ordered scan of the SKU index.
+ * Step 1 (see the file header), in the given snapshot: returns how many
+ * lines it served, their ES_LINE_COLUMNS in SPI_tuptable.
+ * es_execute_by_index leaves the planner no way to the rows but the ordered
+ * scan of the SKU index.
  */
 static int
-es_reserve(Datum skus, Datum quantities)
+es_reserve(Datum skus, Datum quantities, Snapshot snapshot)
 {
 	Oid			types[2] = {TEXTARRAYOID, INT4ARRAYOID};
 	Datum		args[2] = {skus, quantities};
@@ -315,32 +301,96 @@ es_reserve(Datum skus, Datum quantities)
 										 " AND p.stock_on_hand - p.reserved >= ($2)[pg_catalog.array_position($1, p.sku::text)]"
 										 " RETURNING " ES_LINE_COLUMNS,
 										 2, types),
-							args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+							args, NULL, snapshot, false, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "reserving the products of an order failed");
 	return (int) SPI_processed;
 }
 
 /*
- * For a refused order: reads the products of the items step 1 did not
- * serve (line_of[i] < 0), as they are now; their ES_LINE_COLUMNS are left
- * in SPI_tuptable, and their number is returned.
+ * Refuses the order whose items step 1 did not all serve (lines[0 ..
+ * nlines - 1] are the served ones): reads the products of the unserved
+ * items as step 1 decided on them (see the file header) and raises the
+ * error for the first offending item in the client's order.
+ */
+static void
+es_refuse_order(EsOrderLine *lines, int nlines, Datum *skus, Datum *quantities, int n, int *line_of,
+				Snapshot reserve_snapshot)
+{
+	int			nread = es_read_unserved(skus, n, line_of, InvalidSnapshot);
+	int			stale = 0;
+
+	es_read_lines(lines, nlines, nread, false, skus, quantities, n, line_of);
+	/* servable now, so not the version step 1 refused: that one is in its snapshot */
+	for (int i = 0; i < n; i++)
+	{
+		EsOrderLine *l = line_of[i] < 0 ? NULL : &lines[line_of[i]];
+
+		if (l && !l->served && l->active && l->available >= l->quantity)
+		{
+			line_of[i] = -1;
+			stale++;
+		}
+	}
+	if (stale > 0)
+	{
+		int			nread_then = es_read_unserved(skus, n, line_of, reserve_snapshot);
+
+		es_read_lines(lines, nlines + nread, nread_then, false, skus, quantities, n, line_of);
+	}
+
+	for (int i = 0; i < n; i++)
+		if (line_of[i] < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("unknown SKU \"%s\"", TextDatumGetCString(skus[i]))));
+	for (int i = 0; i < n; i++)
+		if (!lines[line_of[i]].served && !lines[line_of[i]].active)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("product \"%s\" is not for sale", lines[line_of[i]].sku)));
+	es_check_one_currency(lines, line_of, n);
+	for (int i = 0; i < n; i++)
+	{
+		EsOrderLine *l = &lines[line_of[i]];
+
+		if (!l->served && l->available < l->quantity)
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("insufficient stock for SKU \"%s\"", l->sku),
+					 errdetail("Requested %d, available %d.", l->quantity, l->available)));
+	}
+	/* step 1 skipped a line that its own snapshot shows servable: a bug, not the caller's */
+	elog(ERROR, "an order was refused, but its products show no reason");
+}
+
+/*
+ * Reads the products of the items no line stands for yet (line_of[i] < 0):
+ * as they are now (snapshot InvalidSnapshot) or in the given snapshot.
+ * Their ES_LINE_COLUMNS are left in SPI_tuptable, and their number is
+ * returned.
  */
 static int
-es_read_unserved(Datum *skus, int n, const int *line_of)
+es_read_unserved(Datum *skus, int n, const int *line_of, Snapshot snapshot)
 {
 	Oid			types[1] = {TEXTARRAYOID};
 	Datum		args[1];
 	Datum	   *missing = palloc(sizeof(Datum) * n);
 	int			nmissing = 0;
+	SPIPlanPtr	plan;
+	int			rc;
 
 	for (int i = 0; i < n; i++)
 		if (line_of[i] < 0)
 			missing[nmissing++] = skus[i];
 	args[0] = es_array(missing, NULL, nmissing, TEXTOID);
-	if (SPI_execute_plan(es_keep_plan(&es_plan_unserved,
-									  "SELECT " ES_LINE_COLUMNS " FROM eventshop.products p WHERE p.sku = ANY ($1)",
-									  1, types),
-						 args, NULL, false, 0) != SPI_OK_SELECT)
+	plan = es_keep_plan(&es_plan_unserved,
+						"SELECT " ES_LINE_COLUMNS " FROM eventshop.products p WHERE p.sku = ANY ($1)",
+						1, types);
+	if (snapshot == InvalidSnapshot)
+		rc = SPI_execute_plan(plan, args, NULL, false, 0);	/* read-write: a new snapshot */
+	else
+		rc = SPI_execute_snapshot(plan, args, NULL, snapshot, InvalidSnapshot, true, false, 0);
+	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading the products of an order failed");
 	return (int) SPI_processed;
 }
@@ -386,23 +436,18 @@ es_read_lines(EsOrderLine *lines, int first, int count, bool served, Datum *skus
 	}
 }
 
-/* Refuses an order whose lines have more than one currency. */
+/* Refuses an order whose items (line_of: item -> line) have more than one currency. */
 static void
-es_check_one_currency(EsOrderLine *lines, int count)
+es_check_one_currency(EsOrderLine *lines, const int *line_of, int n)
 {
-	for (int r = 1; r < count; r++)
-		if (strcmp(lines[r].currency, lines[0].currency) != 0)
+	for (int i = 1; i < n; i++)
+		if (strcmp(lines[line_of[i]].currency, lines[line_of[0]].currency) != 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("an order cannot mix currencies"),
 					 errhint("Place one order per currency.")));
 }
 
-/*
- * The envelope of order.created (es_event_envelope): the data is what
- * jsonb_build_object would make of order_id, user_id, status, currency,
- * total_minor, item_count, unit_count and reserved_until.
- */
 static text *
 es_order_created_envelope(const char *order_key, pg_uuid_t *user_id, const char *currency,
 						  int64 total, int32 item_count, int64 unit_count, Datum reserved_until,

@@ -36,15 +36,16 @@ es_keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
- * SPI_execute_plan with the planner held to index scans (seq and bitmap
- * scans off) while the statement is planned, if the plan cache plans it
- * again now, and run: for statements that rely on reaching their rows in an
- * index's order. The settings are restored before returning, and by the
- * transaction's abort on error. (About 2 us a call: not for statements that
- * only want speed.)
+ * SPI_execute_snapshot (SPI_execute_plan when snapshot is InvalidSnapshot)
+ * with the planner held to index scans (seq and bitmap scans off) while the
+ * statement is planned, if the plan cache plans it again now, and run: for
+ * statements that rely on reaching their rows in an index's order. The
+ * settings are restored before returning, and by the transaction's abort on
+ * error. (About 2 us a call: not for statements that only want speed.)
  */
 int
-es_execute_by_index(SPIPlanPtr plan, Datum *args, const char *nulls, bool read_only, long count)
+es_execute_by_index(SPIPlanPtr plan, Datum *args, const char *nulls, Snapshot snapshot, bool read_only,
+					long count)
 {
 	int			guc_level = NewGUCNestLevel();
 	int			rc;
@@ -52,7 +53,10 @@ es_execute_by_index(SPIPlanPtr plan, Datum *args, const char *nulls, bool read_o
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("enable_indexscan", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-	rc = SPI_execute_plan(plan, args, nulls, read_only, count);
+	if (snapshot == InvalidSnapshot)
+		rc = SPI_execute_plan(plan, args, nulls, read_only, count);
+	else
+		rc = SPI_execute_snapshot(plan, args, nulls, snapshot, InvalidSnapshot, read_only, true, count);
 	AtEOXact_GUC(true, guc_level);
 	return rc;
 }

@@ -8,6 +8,7 @@
 #include "executor/spi.h"
 
 extern SPIPlanPtr es_keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
-extern int	es_execute_by_index(SPIPlanPtr plan, Datum *args, const char *nulls, bool read_only, long count);
+extern int	es_execute_by_index(SPIPlanPtr plan, Datum *args, const char *nulls, Snapshot snapshot,
+								bool read_only, long count);
 
 #endif							/* EVENTSHOP_SPI_UTIL_H */
