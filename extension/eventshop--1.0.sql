@@ -2346,7 +2346,7 @@ AS 'MODULE_PATHNAME', 'eventshop_place_order'
 LANGUAGE C VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in SKU order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 40001 stock added while the order was placed (retry); 28000 not authenticated.';
+COMMENT ON FUNCTION eventshop.place_order(jsonb) IS 'Places an order for the authenticated user from [{"sku": ..., "quantity": ...}] (only these keys; quantity 1-1000, 1-100 distinct SKUs, one currency): reserves the stock of every line or of none (products locked in SKU order in one statement: no oversell, no deadlock), snapshots titles and prices, computes the total; status reserved until now + eventshop.reservation_ttl; emits order.created. Errors: 22023 malformed items, unknown key, bad quantity, empty, over 100 lines, duplicate SKU, mixed currencies; P0002 unknown SKU; 55000 product not for sale; 23514 insufficient stock; 28000 not authenticated.';
 
 CREATE FUNCTION eventshop.place_order(access_token text, items jsonb)
 RETURNS eventshop.order_summary
