@@ -26,7 +26,7 @@ my $node = eventshop_node('http', $broker, $smtp, <<"CONF");
 eventshop.sender_workers = 3
 eventshop.sender_batch_size = 50
 eventshop.sender_concurrency = 8
-eventshop.http_timeout = 2s
+eventshop.http_timeout = 30s
 eventshop.notification_max_backoff = 2s
 eventshop.webhook_url = '$http->{url}/hook'
 eventshop.webhook_secret_file = '$http->{secret_file}'
@@ -99,6 +99,8 @@ $node->poll_query_until('postgres',
 	"SELECT attempts >= 2 FROM eventshop.notifications WHERE id = '$retried'")
   or die 'the 5xx was not retried';
 is(status_of($retried), 'pending', 'a 5xx leaves the webhook pending');
+# attempts counts a claim before its request is sent: wait for the endpoint to answer two
+wait_for(sub { (grep { $_->{status} == 503 } requests_for($retried)) >= 2 }, 'two 503s reached the endpoint');
 http_status($http, 200);
 $node->poll_query_until('postgres', "SELECT status = 'sent' FROM eventshop.notifications WHERE id = '$retried'")
   or die 'the retried webhook was not sent';
@@ -164,8 +166,7 @@ unlike($log, qr/dev\.person|abc123|Secret subject/, 'without recipient, subject 
 # SIGHUP rotates the webhook secret (the file is reread).
 my $new_secret = 'second webhook secret';
 write_file($http->{secret_file}, "$new_secret\n");
-$node->safe_psql('postgres', 'SELECT pg_reload_conf()');
-sleep 1;
+reload_config($node);
 my $rotated = queue('webhook', 'webhook', 'x', '{"n":4}');
 $node->poll_query_until('postgres', "SELECT status = 'sent' FROM eventshop.notifications WHERE id = '$rotated'")
   or die 'webhook after rotation not sent';

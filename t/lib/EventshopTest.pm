@@ -27,7 +27,7 @@ use Time::HiRes qw(usleep);
 our @EXPORT = qw(start_devbroker broker_down broker_up broker_slow broker_fast start_smtp smtp_stop smtp_restart smtp_reply
   start_http_endpoint http_status http_requests write_file
   eventshop_node relay_node worker_free_node key_settings read_topic produce maildir_messages parse_mail
-  wait_for stop_all json_decode);
+  wait_for reload_config stop_all json_decode);
 
 my @harnesses;
 
@@ -56,14 +56,27 @@ sub start_devbroker
 	wait_for(sub { -s "$dir/bootstrap" }, 'dev broker is ready');
 	my $bootstrap = slurp_file("$dir/bootstrap");
 	chomp $bootstrap;
-	return { harness => $h, pid => $h->{KIDS}[0]{PID}, bootstrap => $bootstrap };
+	return { harness => $h, pid => $h->{KIDS}[0]{PID}, bootstrap => $bootstrap, err => \$err };
 }
 
-# Takes every broker of the dev cluster down (clients are disconnected).
-sub broker_down { my ($broker) = @_; kill 'USR1', $broker->{pid}; }
+# Sends the dev broker a signal and waits for the stderr line that reports
+# its effect ("devbroker: brokers down", "... up"): the broker prints it only
+# once every listener refuses (or accepts) connections.
+sub broker_switch
+{
+	my ($broker, $signal, $state) = @_;
+	my $count = sub { my $n = () = ${ $broker->{err} } =~ /^devbroker: brokers \Q$state\E\b/mg; $n };
+	my $before = $count->();
+	kill $signal, $broker->{pid};
+	wait_for(sub { $broker->{harness}->pump_nb; $count->() > $before }, "the dev broker's brokers are $state");
+}
 
-# Brings the dev cluster's brokers back.
-sub broker_up { my ($broker) = @_; kill 'USR2', $broker->{pid}; }
+# Takes every broker of the dev cluster down (clients are disconnected);
+# returns once the listeners refuse connections.
+sub broker_down { my ($broker) = @_; broker_switch($broker, 'USR1', 'down'); }
+
+# Brings the dev cluster's brokers back; returns once they accept connections.
+sub broker_up { my ($broker) = @_; broker_switch($broker, 'USR2', 'up'); }
 
 # Makes every broker answer after the dev broker's slow-mode delay (100 ms),
 # as over a slow network; broker_fast() takes the delay away again.
@@ -262,7 +275,7 @@ sub read_topic
 	my ($out, $err) = ('', '');
 	IPC::Run::run([ 'kcat', '-b', $broker->{bootstrap}, '-t', $topic, '-C', '-e',
 			'-o', 'beginning', '-q', '-J' ],
-		'>', \$out, '2>', \$err, IPC::Run::timeout(60))
+		'>', \$out, '2>', \$err, IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default))
 	  or die "kcat failed: $err";
 	my @messages;
 	for my $line (split /\n/, $out)
@@ -365,6 +378,20 @@ sub wait_for
 		usleep(100_000);
 	}
 	die "timed out waiting until: $what";
+}
+
+# Runs $sql (if any) and pg_reload_conf() on $node, and returns once the
+# postmaster has read the configuration again: a new session's
+# pg_conf_load_time() is the postmaster's, which signals its children right
+# after it reloads (background workers then apply the settings before their
+# next unit of work).
+sub reload_config
+{
+	my ($node, $sql) = @_;
+	my $before = $node->safe_psql('postgres', 'SELECT pg_conf_load_time()');
+	$node->safe_psql('postgres', ($sql // '') . ' SELECT pg_reload_conf()');
+	$node->poll_query_until('postgres', "SELECT pg_conf_load_time() > '$before'")
+	  or die 'the configuration was not reloaded';
 }
 
 # Stops the broker and SMTP server this test started.
