@@ -35,6 +35,10 @@ EXCEPTION WHEN OTHERS THEN
 	RETURN v_state || ': ' || v_message || CASE WHEN with_detail THEN ' / ' || v_detail ELSE '' END;
 END
 $$;
+-- The error of place_order(access_token, items), with its detail.
+CREATE FUNCTION regress_orders.place_order_error(access_token text, items text) RETURNS text LANGUAGE sql AS $$
+	SELECT regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', access_token, items), true)
+$$;
 -- Test-only peeks at the tables, usable under SET ROLE (the tables are
 -- closed to the application roles).
 CREATE FUNCTION regress_orders.stock(sku text) RETURNS text LANGUAGE sql SECURITY DEFINER AS $$
@@ -828,23 +832,23 @@ RESET ROLE;
 SELECT regress_orders.row_counts() AS counts_before \gset
 UPDATE eventshop.sessions SET revoked_at = clock_timestamp(), revoked_reason = 'revoked_by_user' WHERE id = :'carol1_sid';
 SET ROLE regress_orders_app;
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'carol1', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The session has ended.', 'place_order(access_token, items) refuses an ended session');
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[]'), true),
+SELECT is(regress_orders.place_order_error(:'carol1', '[]'),
           '28000: invalid token / The session has ended.', 'an ended session is reported before bad items');
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol1', '[{"sku": "NOPE-9", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'carol1', '[{"sku": "NOPE-9", "quantity": 1}]'),
           '28000: invalid token / The session has ended.', 'an ended session is reported before an unknown SKU');
 RESET ROLE;
 UPDATE eventshop.users SET status = 'blocked', blocked_at = clock_timestamp() WHERE id = :'carol_id';
 SET ROLE regress_orders_app;
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The account is blocked.', 'place_order(access_token, items) refuses a blocked account');
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '{"sku": "ONE-CALL-1"}'), true),
+SELECT is(regress_orders.place_order_error(:'carol2', '{"sku": "ONE-CALL-1"}'),
           '28000: invalid token / The account is blocked.', 'a blocked account is reported before malformed items');
 RESET ROLE;
 UPDATE eventshop.users SET status = 'active', blocked_at = NULL, valid_after = clock_timestamp() + interval '2 seconds' WHERE id = :'carol_id';
 SET ROLE regress_orders_app;
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The token was issued before the account''s credentials changed.',
           'place_order(access_token, items) refuses a token older than the account''s credentials');
 RESET ROLE;
@@ -856,9 +860,9 @@ SELECT eventshop._jwt_sign(jsonb_build_object(
 	'exp', floor(extract(epoch FROM now())) + 600)) AS bob_with_carols_session
 FROM eventshop.sessions s WHERE s.user_id = :'carol_id' AND s.revoked_at IS NULL LIMIT 1 \gset
 SET ROLE regress_orders_app;
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The session is unknown.', 'place_order(access_token, items) refuses another user''s session');
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'bob_with_carols_session', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The session is unknown.', 'also once its signature is remembered');
 RESET ROLE;
 SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/4',
@@ -874,9 +878,9 @@ SELECT convert_from(decode(translate(split_part(:'carol2', '.', 1), '-_', '+/')
 SELECT eventshop.rotate_signing_keys() IS NOT NULL AS rotated \gset
 SELECT eventshop.revoke_signing_key(:'carol_kid') AS revoked \gset
 SET ROLE regress_orders_app;
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'), true),
+SELECT is(regress_orders.place_order_error(:'carol2', '[{"sku": "ONE-CALL-1", "quantity": 1}]'),
           '28000: invalid token / The signing key was revoked.', 'place_order(access_token, items) refuses a remembered token once its key is revoked');
-SELECT is(regress_orders.error_of(format('SELECT eventshop.place_order(%L, %L)', :'carol2', '[]'), true),
+SELECT is(regress_orders.place_order_error(:'carol2', '[]'),
           '28000: invalid token / The signing key was revoked.', 'a revoked key is reported before bad items');
 RESET ROLE;
 SELECT is(regress_orders.row_counts() || ', ' || regress_orders.stock('ONE-CALL-1'), :'counts_before' || ', 10/5',
